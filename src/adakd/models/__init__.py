@@ -1,0 +1,18 @@
+"""Model zoo (who): CIFAR and ImageNet classifiers under the CRD benchmark's names, plus the staged view."""
+from adakd.models.registry import available, create, register_model
+from adakd.models.staged import Stage, StagedModel, StagedOutput, register_layout, staged
+from adakd.models import cifar, imagenet  # noqa: F401  (importing registers every family)
+from adakd.models.checkpoint import load_state_dict_file, load_weights
+
+__all__ = [
+    "available",
+    "create",
+    "register_model",
+    "Stage",
+    "StagedModel",
+    "StagedOutput",
+    "register_layout",
+    "staged",
+    "load_state_dict_file",
+    "load_weights",
+]
