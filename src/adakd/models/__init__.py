@@ -1,6 +1,6 @@
 """Model zoo (who): CIFAR and ImageNet classifiers under the CRD benchmark's names, plus the staged view."""
 from adakd.models.registry import available, create, register_model
-from adakd.models.staged import Stage, StagedModel, StagedOutput, register_layout, staged
+from adakd.models.staged import FrozenStagedModel, Stage, StagedModel, StagedOutput, frozen, register_layout, staged
 from adakd.models import cifar, imagenet  # noqa: F401  (importing registers every family)
 from adakd.models.checkpoint import load_state_dict_file, load_weights
 
@@ -13,6 +13,8 @@ __all__ = [
     "StagedOutput",
     "register_layout",
     "staged",
+    "frozen",
+    "FrozenStagedModel",
     "load_state_dict_file",
     "load_weights",
 ]

@@ -127,14 +127,16 @@ class StagedModel(nn.Module):
     @torch.no_grad()
     def feature_shapes(self, input_shape: tuple[int, int, int] = (3, 32, 32)) -> list[tuple[int, ...]]:
         """Per-stage output shapes (without batch), measured by one forward pass of a dummy input."""
-        was_training = self.training
+        # Restore each module's own mode: a fresh view is in training mode whatever the model's mode is.
+        modes = [(module, module.training) for module in self.modules()]
         self.eval()
         try:
             param = next(self.model.parameters())
             dummy = torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
             return [tuple(f.shape[1:]) for f in self.forward(dummy).features]
         finally:
-            self.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     def blocks(self) -> list[nn.Sequential]:
         """ABL's fine-grained blocks: stem merged into block 1, pool and head into the last block."""
@@ -171,3 +173,26 @@ class Flatten(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.reshape(x.size(0), -1)
+
+
+class FrozenStagedModel(StagedModel):
+    """A teacher: no parameter requires grad and the module stays in eval mode whatever `train()` asks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        for param in self.parameters():
+            param.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenStagedModel":
+        """Ignore `mode`: BatchNorm must keep using the teacher's running statistics."""
+        return super().train(False)
+
+    def forward(self, x: Tensor, start: int = 0, end: int = -1, preact: bool = False) -> StagedOutput:
+        with torch.no_grad():
+            return super().forward(x, start, end, preact)
+
+
+def frozen(model: nn.Module) -> FrozenStagedModel:
+    """The frozen, eval-mode staged view used for teachers."""
+    return FrozenStagedModel(model)

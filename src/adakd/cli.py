@@ -1,0 +1,193 @@
+"""The `adakd` command: train, distill, eval, models, demo, presets."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+# Short top-level names for the most used keys: `adakd distill method=at strategy=sakd`.
+SHORTHANDS = {
+    "method": "distill.method",
+    "strategy": "strategy.name",
+    "student": "model.name",
+    "dataset": "data.name",
+    "epochs": "optim.epochs",
+    "lr": "optim.lr",
+}
+
+
+def expand_shorthands(overrides: Sequence[str]) -> list[str]:
+    """Rewrite `method=at` as `distill.method=at` (only the names in SHORTHANDS)."""
+    out = []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        out.append(f"{SHORTHANDS[key]}={value}" if sep and key in SHORTHANDS else text)
+    return out
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted config overrides, e.g. optim.lr=0.01 model.name=resnet20")
+    parser.add_argument("--preset", action="append", default=[], metavar="NAME",
+                        help="a shipped preset (see `adakd presets`); may be repeated")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE", help="a YAML config file")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pth")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="adakd", description="Adaptive knowledge distillation toolkit.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    train = sub.add_parser("train", help="train a model alone (e.g. a teacher) with cross-entropy")
+    _add_run_arguments(train)
+    distill = sub.add_parser("distill", help="train a student under a frozen teacher")
+    _add_run_arguments(distill)
+    ev = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a dataset's test split")
+    ev.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="e.g. model.name=resnet56 data.name=cifar100 data.root=PATH (needed for a bare checkpoint)")
+    ev.add_argument("--preset", action="append", default=[], metavar="NAME")
+    ms = sub.add_parser("models", help="list every model with its parameter count and feature shapes")
+    ms.add_argument("pattern", nargs="?", default="*")
+    ms.add_argument("--input-size", type=int, default=None, help="input side (default: 32, ImageNet models 224)")
+    ms.add_argument("--num-classes", type=int, default=None)
+    demo = sub.add_parser("demo", help="teacher, student alone and student with KD on the embedded digits")
+    demo.add_argument("--out", default="runs", help="parent folder of the demo's run directory")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to all three runs")
+    sub.add_parser("presets", help="list the shipped presets")
+    return parser
+
+
+def _run(args: argparse.Namespace, task: str) -> int:
+    from adakd.engine.config import dump_yaml, resolve
+    from adakd.engine.trainer import Trainer
+
+    overrides = expand_shorthands(args.overrides)
+    if args.resume:
+        if args.preset or args.config:
+            raise SystemExit("adakd: error: --resume takes the run's saved config; give only KEY=VALUE overrides")
+        trainer = Trainer.resume(args.resume, overrides)
+    else:
+        config = resolve(["cifar100", *args.preset], args.config, [f"task={task}", *overrides])
+        if args.print_config:
+            print(dump_yaml(config), end="")
+            return 0
+        trainer = Trainer(config)
+    summary = trainer.fit()
+    if trainer.dist.is_main:
+        print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    """Two labelled lines: last-epoch and best-epoch test accuracy."""
+    return (f"run: {summary['run_dir']}\n"
+            f"last epoch ({summary['epochs']}): top-1 {summary['last_acc1']:.2f}%  top-5 {summary['last_acc5']:.2f}%\n"
+            f"best epoch ({summary['best_epoch']}): top-1 {summary['best_acc1']:.2f}%  "
+            f"top-5 {summary['best_acc5']:.2f}%  (selected on the test split; report 'last' for comparisons)")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from adakd import data, models
+    from adakd.engine.config import from_dict, merge, parse_override, resolve, to_dict
+    from adakd.engine.checkpoint import load_run_checkpoint
+    from adakd.engine.distributed import pick_device
+    from adakd.engine.loop import evaluate
+    from adakd.engine.trainer import load_data
+
+    target = Path(args.target)
+    overrides = expand_shorthands(args.overrides)
+    weights = target
+    if target.is_dir():
+        weights = target / "best.pth" if (target / "best.pth").is_file() else target / "last.pth"
+        values = load_run_checkpoint(weights)["config"]
+        for text in overrides:
+            values = merge(values, parse_override(text))
+        config = from_dict(values)
+    else:
+        config = resolve(["cifar100", *args.preset], None, overrides)
+    test_set = load_data(config, "test")
+    model = models.create(config.model.name, num_classes=test_set.num_classes)
+    models.load_weights(model, weights, model_name=config.model.name)
+    device = pick_device(config.device)
+    model.to(device)
+    loader = data.make_loader(test_set, config.data.test_batch_size, train=False, device=device,
+                              num_workers=config.data.num_workers)
+    result = evaluate(model, loader)
+    print(f"{config.model.name} on {config.data.name} test ({len(test_set)} images) from {weights}: "
+          f"top-1 {result['acc1']:.2f}%  top-5 {result['acc5']:.2f}%  loss {result['loss']:.4f}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from adakd import models
+
+    print(f"{'name':<14}{'params':>13}  feature shapes (stem, stages..., pooled, logits)")
+    for name in models.available(args.pattern):
+        imagenet = name in ("resnet18", "resnet34", "resnet50", "mobilenetv1")
+        classes = args.num_classes or (1000 if imagenet else 100)
+        size = args.input_size or (224 if imagenet else 32)
+        model = models.create(name, num_classes=classes)
+        shapes = models.staged(model).feature_shapes((3, size, size))
+        text = " | ".join("x".join(map(str, s)) for s in shapes)
+        print(f"{name:<14}{sum(p.numel() for p in model.parameters()):>13,}  {text}")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from adakd.engine.config import preset_names
+
+    print("\n".join(preset_names()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `adakd` console script; bad input exits 2 with one clear line."""
+    from adakd.data import DatasetError
+    from adakd.engine.config import ConfigError
+    from adakd.engine.loop import NonFiniteLossError
+    from adakd.engine.runs import RunDirError
+    from adakd.models.checkpoint import CheckpointError
+    from adakd.registry import UnknownNameError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        import adakd
+
+        print(adakd.__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command in ("train", "distill"):
+            return _run(args, args.command)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "models":
+            return _models(args)
+        if args.command == "presets":
+            return _presets(args)
+        if args.command == "demo":
+            from adakd.demo import run_demo
+
+            print(run_demo(args.out, expand_shorthands(args.overrides)))
+            return 0
+    except (ConfigError, DatasetError, CheckpointError, RunDirError, UnknownNameError) as err:
+        print(f"adakd: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"adakd: error: {err}. The last good checkpoint is kept; lower optim.lr or check the data.",
+              file=sys.stderr)
+        return 3
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""ImageNet (ILSVRC-2012) from class folders, decoded per item by torchvision in DataLoader workers."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
+
+from .errors import Source
+
+SOURCE = Source(
+    name="imagenet", env="ADAKD_DATA_IMAGENET",
+    expected="<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG with the same class folders (ILSVRC-2012 "
+             "from https://image-net.org, the val images moved into one folder per class)",
+    parent_subdir="imagenet")
+INFO = {"num_classes": 1000, "image_size": 224, "channels": 3,
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+_FOLDER = {"train": "train", "test": "val"}
+
+
+def make_transform(split: str, mean: tuple[float, ...], std: tuple[float, ...]) -> transforms.Compose:
+    """torchvision's standard ImageNet pipeline: RandomResizedCrop + flip to train, resize 256 + centre crop to test."""
+    geometry = ([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()] if split == "train"
+                else [transforms.Resize(256), transforms.CenterCrop(224)])
+    return transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """An ImageFolder whose items are (normalised image, target, index); the index is what CRD's memory needs."""
+
+    def __init__(self, folder: ImageFolder, *, mean: tuple[float, ...], std: tuple[float, ...], augment: str) -> None:
+        self.folder = folder
+        self.classes = list(folder.classes)
+        self.num_classes = len(self.classes)
+        self.targets = torch.tensor(folder.targets, dtype=torch.int64)
+        self.mean, self.std, self.augment = mean, std, augment
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        image, target = self.folder[index]
+        return image, target, index
+
+    def __repr__(self) -> str:
+        return f"FolderDataset({len(self)} images, {self.num_classes} classes, {self.folder.root})"
+
+
+def _classes(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise SOURCE.error(f"missing folder {os.path.basename(folder)}/", folder)
+    try:
+        return find_classes(folder)[0]
+    except FileNotFoundError:
+        raise SOURCE.error(f"{os.path.basename(folder)}/ has no class folders", folder) from None
+
+
+def load(split: str, root: str | os.PathLike | None = None) -> FolderDataset:
+    """ImageNet `split` ("train", or "test" = the official val) as a FolderDataset with torchvision transforms."""
+    base = os.fspath(SOURCE.resolve_root(root))
+    train_classes, val_classes = _classes(os.path.join(base, "train")), _classes(os.path.join(base, "val"))
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))[:5]
+        only_val = sorted(set(val_classes) - set(train_classes))[:5]
+        raise SOURCE.error(f"train/ has {len(train_classes)} class folders and val/ {len(val_classes)}; only in "
+                           f"train: {only_train}, only in val: {only_val}", base)
+    path = os.path.join(base, _FOLDER[split])
+    try:
+        folder = ImageFolder(path, transform=make_transform(split, INFO["mean"], INFO["std"]))
+    except FileNotFoundError as exc:  # torchvision's message names the class folder that holds no image
+        raise SOURCE.error(f"a class folder has no images: {exc}", path) from None
+    return FolderDataset(folder, mean=INFO["mean"], std=INFO["std"],
+                         augment="random_resized_crop_flip" if split == "train" else "none")

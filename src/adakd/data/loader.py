@@ -1,0 +1,160 @@
+"""Batches of (images, targets, indices) on the device: batched GPU augmentation for in-memory datasets, a
+torch DataLoader for folder datasets.
+
+Order: the training split is shuffled by torch.randperm under a generator seeded with epoch_seed(seed, epoch) =
+(seed << 16) + epoch, padded by repeating its start to a multiple of world_size and dealt out as rank::world_size,
+exactly as torch's DistributedSampler(seed=seed << 16) does. The shift keeps (seed, epoch + 1) from replaying
+(seed + 1, epoch); it is 16 bits because torch's CPU generator keeps only the low 32 bits of a seed (measured: seeds
+5 and 5 + 2**32 give the same permutation), so seed and epoch must each stay below 65,536. The test split is
+neither shuffled, augmented nor padded: rank r takes r::world_size, so summing metrics over ranks counts every test
+image exactly once (ranks may then differ by one batch).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from .arrays import ArrayDataset, normaliser
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The one integer that seeds an epoch's order and augmentation; distinct for every seed, epoch < 65,536."""
+    if not (0 <= seed < 1 << 16 and 0 <= epoch < 1 << 16):
+        raise ValueError(f"seed and epoch must lie in [0, 65536) (they share a 32-bit generator seed), "
+                         f"got seed {seed}, epoch {epoch}")
+    return (seed << 16) + epoch
+
+
+def _num_samples(n: int, train: bool, rank: int, world_size: int) -> int:
+    return math.ceil(n / world_size) if train else len(range(rank, n, world_size))
+
+
+class ArrayLoader:
+    """Iterates an ArrayDataset held on the device; crops and flips are one batched gather on the device."""
+
+    def __init__(self, dataset: ArrayDataset, batch_size: int, *, train: bool, device: torch.device, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
+        self.dataset, self.batch_size, self.train, self.device = dataset, batch_size, train, device
+        self.seed, self.rank, self.world_size, self.drop_last, self.epoch = seed, rank, world_size, drop_last, 0
+        augment = dataset.augment if train else "none"
+        self.flip = "flip" in augment
+        self.pad = dataset.crop_padding if "crop" in augment else 0
+        self.augmenting = self.flip or self.pad > 0
+        # The whole uint8 set moves to the device once; uint8 is 4x less traffic than float and converts per batch.
+        images = dataset.images.to(device)
+        # Zero padding once for the whole set, as torchvision's RandomCrop(padding=p) fills with 0 before ToTensor.
+        self.images = F.pad(images, (self.pad,) * 4) if self.pad else images
+        self.targets = dataset.targets.to(device)
+        self.scale, self.shift = normaliser(dataset.mean, dataset.std, device)
+        height, width = dataset.images.shape[2:]
+        self._rows = torch.arange(height)
+        self._cols = torch.arange(width)
+        self.num_samples = _num_samples(len(dataset), train, rank, world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration replays."""
+        epoch_seed(self.seed, epoch)  # fail here, not mid-run, on an out-of-range seed or epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size if self.drop_last else math.ceil(self.num_samples / self.batch_size)
+
+    def plan(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This rank's (indices, source rows N x H, source columns N x W) for the epoch, on the CPU."""
+        n = len(self.dataset)
+        if not self.train:
+            return torch.arange(self.rank, n, self.world_size), None, None
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        total = self.num_samples * self.world_size
+        order = torch.randperm(n, generator=generator).repeat(math.ceil(total / n))[:total]
+        if not self.augmenting:
+            return order[self.rank::self.world_size], None, None
+        # Offsets and flips are drawn for the global padded order, so a sample's augmentation does not depend on
+        # how many ranks share the epoch.
+        shift_y, shift_x = torch.randint(0, 2 * self.pad + 1, (2, total), generator=generator)
+        flip = (torch.randint(0, 2, (total,), generator=generator).bool() if self.flip
+                else torch.zeros(total, dtype=torch.bool))
+        rows = shift_y[:, None] + self._rows
+        width = len(self._cols)
+        cols = shift_x[:, None] + torch.where(flip[:, None], width - 1 - self._cols, self._cols)
+        take = slice(self.rank, None, self.world_size)
+        return order[take], rows[take], cols[take]
+
+    def __iter__(self) -> Iterator[Batch]:
+        order, rows, cols = (None if t is None else t.to(self.device) for t in self.plan())
+        stop = len(self) * self.batch_size if self.drop_last else self.num_samples
+        for start in range(0, stop, self.batch_size):
+            end = start + self.batch_size
+            index = order[start:end]
+            batch = self.images[index]
+            if self.augmenting:
+                # Crop and flip are one gather over each padded image flattened, at source row * padded width +
+                # source column (a flip reverses the column list): no per-sample loop, no host sync. Measured on
+                # CPU, batch 64 at 32 x 32: 0.7 ms, against 1.2 ms for one 4-D advanced index.
+                n, c, _, padded_width = batch.shape
+                spatial = rows[start:end, :, None] * padded_width + cols[start:end, None, :]
+                batch = batch.flatten(2).gather(2, spatial.view(n, 1, -1).expand(-1, c, -1))
+                batch = batch.view(n, c, *spatial.shape[1:])
+            yield batch.to(torch.float32).mul_(self.scale).add_(self.shift), self.targets[index], index
+
+
+class FolderLoader:
+    """A torch DataLoader over a folder dataset whose batches arrive on the device (pinned, non-blocking copies).
+
+    The order follows (seed, epoch) exactly; torchvision's random crops use each worker's own generator, so an
+    ImageNet epoch's augmentation is not replayed bit for bit on resume.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, *, train: bool, device: torch.device,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                 num_workers: int = 4) -> None:
+        self.device, self.seed = device, seed
+        self.generator = None
+        if train and world_size > 1:
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                         seed=epoch_seed(seed, 0))
+        elif train:
+            self.generator = torch.Generator()
+            sampler = RandomSampler(dataset, generator=self.generator)
+        else:
+            sampler = range(rank, len(dataset), world_size)
+        self.sampler = sampler
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                                 drop_last=drop_last)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration uses."""
+        epoch_seed(self.seed, epoch)  # fail here, not mid-run, on an out-of-range seed or epoch
+        self.epoch = epoch
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.generator is not None:  # RandomSampler advances its generator: reseed so an epoch replays exactly
+            self.generator.manual_seed(epoch_seed(self.seed, self.epoch))
+        for images, targets, index in self.loader:
+            yield (images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True),
+                   index.to(self.device, non_blocking=True))
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, train: bool, device: torch.device,
+                seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                num_workers: int = 4) -> ArrayLoader | FolderLoader:
+    """Batches (images float32 normalised, targets, indices) on `device`; see the module docstring for the order."""
+    device = torch.device(device)
+    if isinstance(dataset, ArrayDataset):
+        return ArrayLoader(dataset, batch_size, train=train, device=device, seed=seed, rank=rank,
+                           world_size=world_size, drop_last=drop_last)
+    return FolderLoader(dataset, batch_size, train=train, device=device, seed=seed, rank=rank,
+                        world_size=world_size, drop_last=drop_last, num_workers=num_workers)

@@ -1,0 +1,304 @@
+"""Typed run configuration: frozen dataclasses filled from YAML, presets and dotted overrides.
+
+YAML is data: it names registry entries (`model.name: resnet20`, `distill.method: kd`), never import paths.
+An unknown key or a value of the wrong type fails with the dotted key and a suggestion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the dotted key and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A network: registry name and optional weights file (CRD-format, torchvision or adakd)."""
+
+    name: str | None = None
+    weights: str | None = None
+    width_mult: float | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset, location and batch sizes."""
+
+    name: str = "cifar100"
+    root: str | None = None
+    batch_size: int = 64
+    test_batch_size: int = 64
+    num_workers: int = 4
+    image_size: int | None = None
+    tiny_aug: str = "flip"
+    train_size: int | None = None  # keep only the first N training samples (quick experiments)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with momentum and a multi-step schedule (the papers' CIFAR recipe by default)."""
+
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    epochs: int = 240
+    milestones: tuple[int, ...] = (150, 180, 210)
+    lr_decay: float = 0.1
+    scale_lr_with_batch: bool = False  # lr *= global_batch / 256 (the ImageNet convention)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Loss composition: ce_weight * CE + kl_weight * KL_T + method_weight * method terms."""
+
+    method: str = "kd"
+    ce_weight: float | None = None  # None: the distiller's default (KD 0.1, the others 1.0)
+    method_weight: float | None = None  # None: the distiller's default (KD 0.9, AT 1000, ...)
+    kl_weight: float = 0.0  # an extra KD term on top of any method (SAKD's beta_1)
+    temperature: float = 4.0
+    spots: tuple[int, ...] | None = None  # stage indices; None: the distiller's default spots
+    args: dict[str, Any] = field(default_factory=dict)  # the distiller's own hyper-parameters
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Where and how much to distill; `args` are the strategy's own options."""
+
+    name: str = "standard"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logging cadence and sinks."""
+
+    interval: int = 50  # steps between host syncs for the progress bar
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; saved resolved next to its results."""
+
+    task: str = "train"  # "train" (a model alone, e.g. a teacher) or "distill" (student + frozen teacher)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision on CUDA only; ignored on CPU
+    channels_last: bool = False
+    deterministic: bool = False
+    sync_bn: bool = False
+    out_dir: str = "runs"
+    name: str | None = None  # run directory name; default derived from task, models and method
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="resnet20"))
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting YAML lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got the boolean {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    defaults = cls()
+    for name in names:  # a partial nested section keeps the defaults of the keys it omits
+        if name in kwargs and dataclasses.is_dataclass(hints[name]) and isinstance(values[name], dict):
+            merged = {**to_dict(getattr(defaults, name)), **values[name]}
+            kwargs[name] = _build(hints[name], merged, prefix + name + ".")
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) of a config, for YAML and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(config)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `update` wins; `args` mappings merge key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn `optim.lr=0.01` into {'optim': {'lr': 0.01}} (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value, e.g. optim.lr=0.01")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key; write e.g. optim.lr=0.01")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped inside the package."""
+    return sorted(p.name[:-5] for p in resources.files("adakd.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Load a YAML mapping, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The raw mapping of a shipped preset; presets may name a `base` preset they extend."""
+    names = preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown preset {name!r}.{hint} Shipped presets: {', '.join(names)}")
+    data = yaml.safe_load(resources.files("adakd.presets").joinpath(f"{name}.yaml").read_text()) or {}
+    base = data.pop("base", None)
+    return merge(load_preset(base), data) if base else data
+
+
+def resolve(
+    presets: list[str] | None = None,
+    files: list[str | Path] | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Defaults <- presets <- YAML files <- dotted overrides, validated into a RunConfig."""
+    values: dict[str, Any] = dict(base or {})
+    for name in presets or []:
+        values = merge(values, load_preset(name))
+    for path in files or []:
+        values = merge(values, read_yaml(path))
+    for text in overrides or []:
+        values = merge(values, parse_override(text))
+    config = _build(RunConfig, values)
+    validate(config)
+    return config
+
+
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from its saved dict (e.g. a run directory's config.yaml)."""
+    config = _build(RunConfig, values)
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (config.task in ("train", "distill"), "task", "must be 'train' or 'distill'"),
+        (config.optim.lr > 0, "optim.lr", "must be > 0"),
+        (0 <= config.optim.momentum < 1, "optim.momentum", "must be in [0, 1)"),
+        (config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (config.optim.epochs >= 1, "optim.epochs", "must be >= 1"),
+        (0 < config.optim.lr_decay <= 1, "optim.lr_decay", "must be in (0, 1]"),
+        (list(config.optim.milestones) == sorted(config.optim.milestones), "optim.milestones", "must be increasing"),
+        (config.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
+        (config.data.test_batch_size >= 1, "data.test_batch_size", "must be >= 1"),
+        (config.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (config.distill.temperature > 0, "distill.temperature", "must be > 0"),
+        (config.distill.kl_weight >= 0, "distill.kl_weight", "must be >= 0"),
+        ((config.distill.ce_weight or 0) >= 0, "distill.ce_weight", "must be >= 0"),
+        ((config.distill.method_weight or 0) >= 0, "distill.method_weight", "must be >= 0"),
+        (config.log.interval >= 1, "log.interval", "must be >= 1"),
+        (config.model.name is not None, "model.name", "must name a model, e.g. model.name=resnet20"),
+        (config.task != "distill" or config.teacher.name is not None, "teacher.name",
+         "must name the teacher for task=distill, e.g. teacher.name=resnet56 teacher.weights=PATH"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key} {message}")
+
+
+def dump_yaml(config: RunConfig) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

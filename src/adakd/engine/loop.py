@@ -1,0 +1,87 @@
+"""The training loop: one epoch of strategy steps with on-device sums, and top-1/top-5 evaluation."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from adakd.engine.distributed import all_reduce_sum
+from adakd.strategies.base import Precision, Strategy
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def train_one_epoch(
+    strategy: Strategy,
+    loader: Iterable,
+    epoch: int,
+    log_interval: int = 50,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Run every batch through `strategy.training_step`; return per-sample means of every term."""
+    strategy.train(True)
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
+    for step, (images, targets, indices) in enumerate(bar, 1):
+        out = strategy.training_step(images, targets, indices, epoch)
+        batch = targets.shape[0]
+        for name, value in out.items():
+            weighted = value if name == "correct" else value * batch
+            sums[name] = sums[name] + weighted if name in sums else weighted.clone()
+        seen += batch
+        if step % log_interval == 0:
+            # The only host sync inside the epoch, at the log cadence.
+            loss = sums["loss"].item() / seen
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(f"loss became {loss} in epoch {epoch} at step {step}")
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * sums['correct'].item() / seen:.1f}",
+                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    bar.close()
+    elapsed = time.perf_counter() - start
+    names = sorted(sums)
+    totals = all_reduce_sum(torch.stack([sums[n].double() for n in names] + [torch.tensor(float(seen)).to(sums["loss"].device, torch.float64)]))
+    totals = totals.tolist()
+    count = totals[-1]
+    result = {("train/acc1" if n == "correct" else f"train/{n}"): (100 * v if n == "correct" else v) / count
+              for n, v in zip(names, totals)}
+    if not math.isfinite(result["train/loss"]):
+        raise NonFiniteLossError(f"loss became {result['train/loss']} in epoch {epoch}")
+    result["train/images_per_s"] = count / max(elapsed, 1e-9)
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, precision: Precision | None = None) -> dict[str, float]:
+    """Top-1, top-5 (percent) and mean cross-entropy of a classifier over a loader."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    context = precision.autocast if precision is not None else None
+    for images, targets, _ in loader:
+        if context is not None:
+            with context():
+                logits = model(images).float()
+        else:
+            logits = model(images).float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top == targets[:, None]
+        sums += torch.stack([
+            F.cross_entropy(logits, targets, reduction="sum").double(),
+            hits[:, 0].sum().double(),
+            hits.any(dim=1).sum().double(),
+            torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=device),
+        ])
+    model.train(was_training)
+    loss, top1, top5, count = all_reduce_sum(sums).tolist()
+    return {"loss": loss / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count}

@@ -1,0 +1,57 @@
+"""Optimisers and the multi-step learning-rate schedule (a pure function of the epoch)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from adakd.engine.config import OptimConfig
+
+
+def base_lr(config: OptimConfig, global_batch: int) -> float:
+    """The configured lr, scaled linearly with the global batch when asked (lr is quoted for 256)."""
+    return config.lr * global_batch / 256 if config.scale_lr_with_batch else config.lr
+
+
+def lr_at(config: OptimConfig, epoch: int, lr: float) -> float:
+    """lr for 1-based `epoch`: multiplied by lr_decay once the epoch exceeds each milestone."""
+    passed = sum(1 for m in config.milestones if epoch > m)
+    return lr * config.lr_decay**passed
+
+
+class MultiStepSchedule:
+    """Sets every optimiser's lr at the start of an epoch; its state is only the last epoch set."""
+
+    def __init__(self, config: OptimConfig, optimizers: dict[str, torch.optim.Optimizer], lr: float) -> None:
+        self.config, self.optimizers, self.lr = config, optimizers, lr
+        self.epoch = 0
+
+    def start_epoch(self, epoch: int) -> float:
+        """Apply the lr of `epoch` (groups may carry an `lr_scale`, e.g. SAKD's policy at half lr)."""
+        self.epoch = epoch
+        value = lr_at(self.config, epoch, self.lr)
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = value * group.get("lr_scale", 1.0)
+        return value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "base_lr": self.lr, "milestones": list(self.config.milestones)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+
+
+def build_optimizers(
+    groups: dict[str, list[nn.Parameter]], config: OptimConfig, lr: float
+) -> dict[str, torch.optim.Optimizer]:
+    """One SGD per parameter group of the strategy (weight decay on every parameter, as the papers do)."""
+    optimizers = {}
+    for name, params in groups.items():
+        if not params:
+            raise ValueError(f"parameter group {name!r} is empty: nothing would be trained")
+        optimizers[name] = torch.optim.SGD(
+            params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
+        )
+    return optimizers

@@ -1,0 +1,120 @@
+"""A run directory: resolved config, versions, per-epoch metrics (CSV + JSONL), TensorBoard, checkpoints."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adakd
+from adakd.engine.config import RunConfig, dump_yaml
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (it exists, or it is not a run)."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file via a temporary file and rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Files of one run; only the main rank writes (`enabled=False` elsewhere)."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        self.rows: list[dict[str, Any]] = []
+        self._writer = None
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.path / "last.pth"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.path / "best.pth"
+
+    def check_new(self) -> None:
+        """Raise if the directory exists and is not empty: a run is never overwritten silently."""
+        if self.path.exists() and any(self.path.iterdir()):
+            raise RunDirError(
+                f"run directory {str(self.path)!r} already exists. Continue it with --resume {self.path}, "
+                "or choose another with name=NEW_NAME (or out_dir=...)"
+            )
+
+    def create(self, config: RunConfig, command: list[str] | None = None) -> None:
+        """Make a new run directory; an existing non-empty one is never overwritten."""
+        if not self.enabled:
+            return
+        self.check_new()
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path / "config.yaml", dump_yaml(config))
+        meta = {
+            "adakd_version": adakd.__version__,
+            "torch_version": torch.__version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "command": command or sys.argv,
+            "seed": config.seed,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_text_atomic(self.path / "meta.json", json.dumps(meta, indent=2) + "\n")
+
+    def resume(self, rows: list[dict[str, Any]]) -> None:
+        """Continue writing metrics after the epochs already recorded in the checkpoint."""
+        self.rows = list(rows)
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        """Append one epoch's metrics to metrics.csv / metrics.jsonl and TensorBoard."""
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        columns: list[str] = []
+        for r in self.rows:
+            columns += [c for c in r if c not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        # Rewritten whole each epoch: a new loss term gets its column without corrupting earlier rows.
+        write_text_atomic(self.path / "metrics.csv", buffer.getvalue())
+        write_text_atomic(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, row["epoch"])
+            self.tensorboard.flush()
+
+    _tensorboard = None
+    use_tensorboard = True
+
+    @property
+    def tensorboard(self):
+        """A SummaryWriter under <run>/tensorboard, created on first use."""
+        if not (self.enabled and self.use_tensorboard):
+            return None
+        if self._tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(self.path / "tensorboard"))
+        return self._tensorboard
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """summary.json: last- and best-epoch results, labelled."""
+        if self.enabled:
+            write_text_atomic(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()

@@ -1,0 +1,262 @@
+"""Build a run from its config and train it: data, models, distiller, strategy, loop, checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adakd
+from adakd import data as datasets
+from adakd import distillers, models, strategies
+from adakd.distillers.base import build_config, spot_name
+from adakd.engine import distributed
+from adakd.engine.checkpoint import FORMAT, load_run_checkpoint, rng_state, save_atomic, set_rng_state
+from adakd.engine.config import ConfigError, RunConfig, to_dict
+from adakd.engine.loop import evaluate, train_one_epoch
+from adakd.engine.optim import MultiStepSchedule, base_lr, build_optimizers
+from adakd.engine.runs import RunDir
+from adakd.strategies.base import LossWeights, Precision
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed torch and Python; deterministic mode trades speed for bitwise-repeatable kernels."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    # Weight decay drives momentum buffers into denormal floats, which slow x86 CPUs by up to 5x.
+    torch.set_flush_denormal(True)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def default_run_name(config: RunConfig) -> str:
+    """e.g. distill_resnet56-resnet20_kd_standard_seed0, or train_resnet56_seed0."""
+    if config.task == "train":
+        return f"train_{config.model.name}_{config.data.name}_seed{config.seed}"
+    return (f"distill_{config.teacher.name}-{config.model.name}_{config.data.name}_{config.distill.method}"
+            f"_{config.strategy.name}_seed{config.seed}")
+
+
+def load_data(config: RunConfig, split: str):
+    """The dataset of a split, optionally cut to the first `data.train_size` training samples."""
+    options: dict[str, Any] = {}
+    if config.data.image_size is not None:
+        options["image_size"] = config.data.image_size
+    if config.data.name == "tiny-imagenet":
+        options["tiny_aug"] = config.data.tiny_aug
+    dataset = datasets.load_dataset(config.data.name, split, root=config.data.root, **options)
+    size = config.data.train_size
+    if split == "train" and size is not None:
+        if not isinstance(dataset, datasets.ArrayDataset):
+            raise ConfigError("data.train_size works only for in-memory datasets (cifar100, tiny-imagenet, digits)")
+        dataset = datasets.ArrayDataset(
+            dataset.images[:size], dataset.targets[:size], classes=dataset.classes, mean=dataset.mean,
+            std=dataset.std, augment=dataset.augment, crop_padding=dataset.crop_padding)
+    return dataset
+
+
+def build_model(spec, num_classes: int, role: str) -> torch.nn.Module:
+    """Create a zoo model and load its weights strictly if a path is given."""
+    kwargs = {"width_mult": spec.width_mult} if spec.width_mult is not None else {}
+    model = models.create(spec.name, num_classes=num_classes, **kwargs)
+    if spec.weights:
+        models.load_weights(model, spec.weights, model_name=spec.name)
+    elif role == "teacher":
+        raise ConfigError(f"teacher.weights is required: a randomly initialised teacher {spec.name!r} teaches "
+                          "nothing. Train one with `adakd train model.name=...` and pass its best.pth or last.pth")
+    return model
+
+
+def build_distiller(config: RunConfig, student, teacher, input_shape):
+    """The distiller for `distill.method`, built from feature shapes measured on both networks."""
+    cls = distillers.get(config.distill.method)
+    spots = list(config.distill.spots or cls.defaults.spots)
+    n = student.num_stages
+    for k in spots:
+        if not -n <= k < n or teacher.num_stages <= (k % n if k >= 0 else k % teacher.num_stages):
+            raise ConfigError(f"distill.spots: index {k} is outside the {n} stages of {config.model.name}")
+    student_shapes, teacher_shapes = student.feature_shapes(input_shape), teacher.feature_shapes(input_shape)
+    args = dict(config.distill.args)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    if "temperature" in fields and "temperature" not in args:
+        args["temperature"] = config.distill.temperature
+    hparams = build_config(cls.config_class, args, "distill.args")
+    return cls(
+        [spot_name(student.stage_names, k) for k in spots],
+        [student_shapes[k] for k in spots],
+        [teacher_shapes[k] for k in spots],
+        hparams,
+    ), spots
+
+
+def check_names(config: RunConfig) -> None:
+    """Unknown model, teacher, distiller, strategy or dataset names fail at once, with suggestions."""
+    models.registry.MODELS.get(config.model.name)
+    if config.task == "distill":
+        models.registry.MODELS.get(config.teacher.name)
+        distillers.get(config.distill.method)
+    strategies.get(config.strategy.name)
+    datasets.dataset_info(config.data.name)
+
+
+class Trainer:
+    """One run: `Trainer(config).fit()`; `Trainer.resume(run_dir).fit()` continues it exactly."""
+
+    def __init__(self, config: RunConfig, run_dir: str | Path | None = None, checkpoint: dict | None = None):
+        self.config = config
+        check_names(config)
+        run_path = Path(run_dir) if run_dir else Path(config.out_dir) / (config.name or default_run_name(config))
+        if checkpoint is None:
+            RunDir(run_path).check_new()  # fail before minutes of data loading, not after
+        self.dist = distributed.setup(config.device)
+        seed_everything(config.seed, config.deterministic)
+        device = self.dist.device
+        self.train_set, self.test_set = load_data(config, "train"), load_data(config, "test")
+        num_classes = self.train_set.num_classes
+        self.input_shape = tuple(self.train_set[0][0].shape)
+        self.batch = config.data.batch_size // self.dist.world_size
+        if self.batch * self.dist.world_size != config.data.batch_size:
+            raise ConfigError(f"data.batch_size {config.data.batch_size} (the global batch) must be divisible by "
+                              f"the {self.dist.world_size} processes")
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        student = models.staged(build_model(config.model, num_classes, "student"))
+        student.to(device, memory_format=memory_format)
+        teacher = distiller = None
+        spots: list[int] = []
+        if config.task == "distill":
+            teacher = models.frozen(build_model(config.teacher, num_classes, "teacher"))
+            teacher.to(device, memory_format=memory_format)
+            distiller, spots = build_distiller(config, student, teacher, self.input_shape)
+            distiller.to(device)
+        self.student = student
+        weights = self._loss_weights(distiller)
+        strategy_cls = strategies.get(config.strategy.name)
+        wrapped = distributed.wrap_student(student, self.dist, config.sync_bn)
+        try:
+            self.strategy = strategy_cls(wrapped, teacher, distiller, weights, spots, **config.strategy.args)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"strategy.args: {err}") from None
+        self.lr = base_lr(config.optim, config.data.batch_size)
+        self.optimizers = build_optimizers(self.strategy.param_groups(), config.optim, self.lr)
+        self.schedule = MultiStepSchedule(config.optim, self.optimizers, self.lr)
+        self.precision = Precision(device, config.amp)
+        self.strategy.attach(self.optimizers, self.precision)
+        loader_args = dict(device=device, seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+                           num_workers=config.data.num_workers)
+        self.train_loader = datasets.make_loader(self.train_set, self.batch, train=True, **loader_args)
+        self.test_loader = datasets.make_loader(
+            self.test_set, max(1, config.data.test_batch_size // self.dist.world_size), train=False, **loader_args)
+        self.run = RunDir(run_path, enabled=self.dist.is_main)
+        self.run.use_tensorboard = config.log.tensorboard
+        self.epoch, self.step, self.best = 0, 0, {"acc1": -1.0, "epoch": 0}
+        if checkpoint is None:
+            self.run.create(config)
+        else:
+            self._restore(checkpoint)
+
+    def _loss_weights(self, distiller) -> LossWeights:
+        c = self.config.distill
+        if distiller is None:
+            return LossWeights(ce=1.0 if c.ce_weight is None else c.ce_weight)
+        d = type(distiller).defaults
+        return LossWeights(ce=d.ce_weight if c.ce_weight is None else c.ce_weight,
+                           method=d.method_weight if c.method_weight is None else c.method_weight,
+                           kl=c.kl_weight, temperature=c.temperature)
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None) -> "Trainer":
+        """Continue a run from its last checkpoint (overrides such as optim.epochs=300 may extend it)."""
+        from adakd.engine.config import merge, parse_override, from_dict
+
+        run_dir = Path(run_dir)
+        path = run_dir / "last.pth"
+        if not path.is_file():
+            raise ConfigError(f"cannot resume {str(run_dir)!r}: it has no last.pth (nothing was checkpointed yet); "
+                              "start a new run instead")
+        state = load_run_checkpoint(path)
+        values = state["config"]
+        for text in overrides or []:
+            values = merge(values, parse_override(text))
+        return cls(from_dict(values), run_dir=run_dir, checkpoint=state)
+
+    def _restore(self, state: dict) -> None:
+        self.student.model.load_state_dict(state["model"], strict=True)
+        self.strategy.load_state_dict(state["strategy"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        self.schedule.load_state_dict(state["schedule"])
+        self.precision.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.best = state["epoch"], state["step"], dict(state["best"])
+        self.run.resume(state["history"])
+        set_rng_state(state["rng"])
+
+    def _checkpoint(self, history: list[dict]) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "adakd_version": adakd.__version__,
+            "epoch": self.epoch,
+            "step": self.step,
+            # Under the CRD key name, so `load_weights` (and the CRD code) read the student directly.
+            "model": self.student.model.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),
+            "rng": rng_state(),
+            "best": dict(self.best),
+            "history": history,
+            "config": to_dict(self.config),
+        }
+
+    def fit(self) -> dict[str, Any]:
+        """Train until optim.epochs; checkpoint every epoch; return the last/best summary."""
+        cfg = self.config
+        progress = cfg.log.progress and self.dist.is_main
+        try:
+            while self.epoch < cfg.optim.epochs:
+                epoch = self.epoch + 1
+                lr = self.schedule.start_epoch(epoch)
+                self.train_loader.set_epoch(epoch)
+                row: dict[str, Any] = {"epoch": epoch, "lr": lr}
+                row.update(train_one_epoch(self.strategy, self.train_loader, epoch, cfg.log.interval, progress))
+                self.step += len(self.train_loader)
+                test = evaluate(self.student.model, self.test_loader, self.precision)
+                row.update({f"test/{k}": v for k, v in test.items()})
+                self.epoch = epoch
+                if test["acc1"] > self.best["acc1"]:
+                    self.best = {"acc1": test["acc1"], "acc5": test["acc5"], "epoch": epoch}
+                self.run.log_epoch(row)
+                if self.dist.is_main:
+                    state = self._checkpoint(self.run.rows)
+                    save_atomic(state, self.run.last_checkpoint)
+                    if self.best["epoch"] == epoch:
+                        save_atomic(state, self.run.best_checkpoint)
+                    if progress:
+                        print(f"epoch {epoch}/{cfg.optim.epochs}  loss {row['train/loss']:.4f}  "
+                              f"train {row['train/acc1']:.2f}%  test top-1 {test['acc1']:.2f}%  "
+                              f"top-5 {test['acc5']:.2f}%  ({row['train/images_per_s']:.0f} img/s)", flush=True)
+                distributed.barrier()
+            summary = self.summary()
+            self.run.write_summary(summary)
+            return summary
+        finally:
+            self.run.close()
+
+    def summary(self) -> dict[str, Any]:
+        """Last-epoch and best-epoch test accuracy, labelled (the field mixes them up)."""
+        last = self.run.rows[-1] if self.run.rows else {}
+        return {
+            "run_dir": str(self.run.path),
+            "epochs": self.epoch,
+            "last_acc1": last.get("test/acc1"),
+            "last_acc5": last.get("test/acc5"),
+            "best_acc1": self.best["acc1"],
+            "best_acc5": self.best.get("acc5"),
+            "best_epoch": self.best["epoch"],
+            "params": sum(p.numel() for p in self.student.model.parameters()),
+        }

@@ -1,0 +1,120 @@
+"""What every strategy shares: the models it drives, loss weights, optimisers and mixed precision."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from adakd.distillers.base import Distiller
+from adakd.models.staged import StagedModel, StagedOutput
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """total = ce * CE + kl * KL_T + method * (each distiller term)."""
+
+    ce: float = 1.0
+    method: float = 0.0
+    kl: float = 0.0
+    temperature: float = 4.0
+
+
+class Precision:
+    """Autocast and gradient scaling on CUDA; plain float32 (no-ops) elsewhere."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.enabled = enabled and device.type == "cuda"
+        self.device_type = device.type
+        # bfloat16 needs no loss scaling; float16 on GPUs without bf16 support does.
+        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for the forward passes."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: Tensor) -> None:
+        """Backward through the (possibly scaled) loss."""
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Optimiser step (skipped by the scaler on inf/NaN gradients) and scaler update."""
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+class Strategy:
+    """Owns the training step: forwards, masks and weights, backward, optimiser steps.
+
+    The engine builds one optimiser per entry of `param_groups()` and hands them over with `attach`.
+    Everything `training_step` returns is detached and stays on the device.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: StagedModel | None,
+        distiller: Distiller | None,
+        weights: LossWeights,
+        spots: list[int],
+        **options: Any,
+    ) -> None:
+        if options:
+            raise ValueError(f"unknown strategy option(s) {sorted(options)} for {type(self).__name__}")
+        self.student = student  # a StagedModel, or DDP around one
+        self.teacher = teacher
+        self.distiller = distiller
+        self.weights = weights
+        self.spots = spots
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.precision = Precision(torch.device("cpu"), enabled=False)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters per optimiser: the student and the distiller's parts share one."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if self.distiller is not None:
+            params += [p for p in self.distiller.parameters() if p.requires_grad]
+        return {"main": params}
+
+    def attach(self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision) -> None:
+        """Receive the optimisers built from `param_groups()` and the precision policy."""
+        self.optimizers = optimizers
+        self.precision = precision
+
+    def train(self, mode: bool = True) -> None:
+        """Set train/eval mode of the trainable parts; the teacher stays in eval."""
+        self.student.train(mode)
+        if self.distiller is not None:
+            self.distiller.train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+
+    def trainable_modules(self) -> Iterator[nn.Module]:
+        """Modules whose state is saved besides the student (e.g. distiller heads)."""
+        if self.distiller is not None:
+            yield self.distiller
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state to checkpoint (distiller parts); the student and optimisers are saved by the engine."""
+        return {"distiller": self.distiller.state_dict() if self.distiller is not None else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` strictly."""
+        if self.distiller is not None:
+            self.distiller.load_state_dict(state["distiller"], strict=True)
+        elif state.get("distiller"):
+            raise ValueError("checkpoint holds distiller state but this run has no distiller")
+
+    def select(self, output: StagedOutput, preact: bool = False) -> list[Tensor]:
+        """The features at this strategy's spots."""
+        source = output.preacts if preact else output.features
+        return [source[k] for k in self.spots]
+
+    def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int) -> dict[str, Tensor]:
+        """One optimisation step; returns detached on-device scalars (loss terms, 'correct')."""
+        raise NotImplementedError

@@ -1,0 +1,50 @@
+"""The standard strategy: every sample distilled at every spot, every step."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adakd.distillers.kd import kd_loss
+from adakd.strategies.base import Strategy
+from adakd.strategies.registry import register_strategy
+
+
+@register_strategy("standard")
+class Standard(Strategy):
+    """total = ce * CE + kl * KD_T + method * sum of the distiller's per-spot terms.
+
+    With no teacher this trains a model alone (task=train, e.g. a teacher from scratch).
+    """
+
+    def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int) -> dict[str, Tensor]:
+        """Forward student and teacher, weight the terms, one backward and one SGD step."""
+        student_preact = bool(getattr(self.distiller, "student_preact", False))
+        teacher_preact = bool(getattr(self.distiller, "teacher_preact", False))
+        with self.precision.autocast():
+            student_out = self.student(images, preact=student_preact)
+            logits = student_out.features[-1]
+            terms = {"ce": self.weights.ce * F.cross_entropy(logits.float(), targets)}
+            if self.teacher is not None:
+                teacher_out = self.teacher(images, preact=teacher_preact)
+                if self.distiller is not None:
+                    named = self.distiller(
+                        self.select(student_out, student_preact),
+                        self.select(teacher_out, teacher_preact),
+                        targets,
+                        indices=indices,
+                        epoch=epoch,
+                    )
+                    terms.update({name: self.weights.method * value for name, value in named.items()})
+                if self.weights.kl > 0:
+                    kl = kd_loss(logits, teacher_out.features[-1], self.weights.temperature).mean()
+                    terms["kl"] = self.weights.kl * kl
+            loss = torch.stack(list(terms.values())).sum()
+        optimizer = self.optimizers["main"]
+        optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.precision.step(optimizer)
+        out = {name: value.detach() for name, value in terms.items()}
+        out["loss"] = loss.detach()
+        out["correct"] = (logits.detach().argmax(dim=1) == targets).sum()
+        return out

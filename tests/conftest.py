@@ -1,0 +1,25 @@
+"""Shared fixtures; an autouse guard makes any network connection fail loudly."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Tests must never download: any socket connection raises."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("a test tried to open a network connection; adakd never downloads")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same torch RNG state."""
+    torch.manual_seed(0)
+    yield
