@@ -1,23 +1,11 @@
-"""Tiny datasets written in the real on-disk formats, and a guard that fails any network access."""
+"""Tiny datasets written in the real on-disk formats (the socket guard is in tests/conftest.py)."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from fake_data_files import cifar_split, write_jpeg, write_pickle
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing in adakd.data may download: a socket connection fails the test loudly."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a data test tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture(autouse=True)

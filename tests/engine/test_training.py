@@ -82,7 +82,6 @@ def test_teacher_is_frozen_and_stays_in_eval(tmp_path):
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
     trainer.strategy.train(True)
     teacher.train(True)
-    teacher.model.train(False) if False else None
     assert not teacher.training and not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
     trainer.fit()

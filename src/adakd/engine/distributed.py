@@ -64,6 +64,8 @@ def wrap_student(module: nn.Module, info: DistInfo, sync_bn: bool = False) -> nn
     if not info.distributed:
         return module
     if sync_bn:
+        if info.device.type != "cuda":
+            raise ValueError("sync_bn=true needs CUDA (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)

@@ -76,10 +76,11 @@ def build_distiller(config: RunConfig, student, teacher, input_shape):
     """The distiller for `distill.method`, built from feature shapes measured on both networks."""
     cls = distillers.get(config.distill.method)
     spots = list(config.distill.spots or cls.defaults.spots)
-    n = student.num_stages
-    for k in spots:
-        if not -n <= k < n or teacher.num_stages <= (k % n if k >= 0 else k % teacher.num_stages):
-            raise ConfigError(f"distill.spots: index {k} is outside the {n} stages of {config.model.name}")
+    for net, name in ((student, config.model.name), (teacher, config.teacher.name)):
+        bad = [k for k in spots if not -net.num_stages <= k < net.num_stages]
+        if bad:
+            raise ConfigError(f"distill.spots: {bad} outside the {net.num_stages} stages of {name} "
+                              f"({', '.join(net.stage_names)}); negative indices count from the logits (-1)")
     student_shapes, teacher_shapes = student.feature_shapes(input_shape), teacher.feature_shapes(input_shape)
     args = dict(config.distill.args)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
@@ -136,7 +137,10 @@ class Trainer:
         self.student = student
         weights = self._loss_weights(distiller)
         strategy_cls = strategies.get(config.strategy.name)
-        wrapped = distributed.wrap_student(student, self.dist, config.sync_bn)
+        try:
+            wrapped = distributed.wrap_student(student, self.dist, config.sync_bn)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         try:
             self.strategy = strategy_cls(wrapped, teacher, distiller, weights, spots, **config.strategy.args)
         except (TypeError, ValueError) as err:

@@ -45,7 +45,9 @@ class PreactBlock(nn.Module):
 def _stages(model: ResNet) -> list[Stage]:
     layers = [model.layer1, model.layer2, model.layer3, model.layer4]
     return [
-        Stage("stem", [nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)], merge_into_next_block=True),
+        Stage(
+            "stem", [nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)], merge_into_next_block=True
+        ),
         *(
             Stage(f"stage{i}", [*layer[:-1], PreactBlock(layer[-1])], has_preact=True)
             for i, layer in enumerate(layers, 1)
