@@ -155,3 +155,23 @@ def test_cli_eval_of_a_run(tmp_path, capsys):
     Trainer(config(tmp_path, "optim.epochs=1", "model.name=resnet8")).fit()
     assert main(["eval", str(tmp_path / "run")]) == 0
     assert "top-1" in capsys.readouterr().out
+
+
+def test_channels_last_gives_the_same_training_on_cpu(tmp_path):
+    plain = Trainer(config(tmp_path, "optim.epochs=1", "model.name=resnet8", name="plain"))
+    plain.fit()
+    nhwc = Trainer(config(tmp_path, "optim.epochs=1", "model.name=resnet8", "channels_last=true", name="nhwc"))
+    assert nhwc.student.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    nhwc.fit()
+    for key, value in plain.student.model.state_dict().items():
+        other = nhwc.student.model.state_dict()[key]
+        assert torch.allclose(value.float(), other.float(), atol=1e-4), key
+
+
+def test_amp_is_a_no_op_on_cpu():
+    from adakd.strategies.base import Precision
+
+    precision = Precision(torch.device("cpu"), enabled=True)
+    assert not precision.enabled and not precision.scaler.is_enabled()
+    with precision.autocast():
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32

@@ -276,6 +276,8 @@ def validate(config: RunConfig) -> None:
     """Range checks that types alone cannot express."""
     checks = [
         (config.task in ("train", "distill"), "task", "must be 'train' or 'distill'"),
+        (0 <= config.seed < 65536, "seed", "must lie in [0, 65536) (it seeds a 32-bit generator with the epoch)"),
+        (config.optim.epochs < 65536, "optim.epochs", "must be < 65536"),
         (config.optim.lr > 0, "optim.lr", "must be > 0"),
         (0 <= config.optim.momentum < 1, "optim.momentum", "must be in [0, 1)"),
         (config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
