@@ -30,7 +30,8 @@ def teacher_file(tmp_path, name="resnet14"):
 
 def test_training_on_digits_learns(tmp_path):
     cfg = resolve(["cifar100", "demo"], overrides=[f"out_dir={tmp_path}", "name=learn", "data.image_size=16",
-                                                   "model.name=resnet8", "optim.epochs=3", "log.progress=false"])
+                                                   "model.name=resnet8", "optim.epochs=3", "log.progress=false",
+                                                   "data.train_size=null"])
     summary = Trainer(cfg).fit()
     rows = list(csv.DictReader(open(tmp_path / "learn" / "metrics.csv")))
     losses = [float(r["train/loss"]) for r in rows]

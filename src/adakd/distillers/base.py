@@ -8,13 +8,43 @@ import torch
 from torch import Tensor, nn
 
 
+# Spot keywords resolved per network by `resolve_spots`: every body stage (f1 .. fn), as AT, NST and VID use.
+BODY_STAGES = "stages"
+
+
 @dataclass(frozen=True)
 class DistillerDefaults:
-    """Weights the field uses with a method when it runs alone (recipes.md §4)."""
+    """Weights the field uses with a method when it runs alone (recipes.md §4) and its default spots.
+
+    Spots are stage indices of the staged view [stem, stage1..stageN, pool, head]: 2 = f2 (FitNets' hint),
+    -1 = logits, -2 = pooled vector, -3 = last body stage f_{L-2} (SP, FT); the keyword "stages" means every body
+    stage f1..fN.
+    """
 
     ce_weight: float = 1.0
     method_weight: float = 1.0
-    spots: tuple[int, ...] = (-1,)  # stage indices of the staged view; -1 = logits, -2 = pooled vector
+    spots: tuple[int | str, ...] = (-1,)
+
+
+@dataclass(frozen=True)
+class DistillContext:
+    """Facts about the training data a distiller may need (CRD: dataset size and every label)."""
+
+    num_classes: int
+    train_targets: Tensor  # int64 label of every training sample, indexed by dataset index
+
+
+def resolve_spots(spots: Sequence[int | str], num_stages: int) -> list[int]:
+    """Expand spot keywords and negative indices into non-negative stage indices of one network."""
+    out: list[int] = []
+    for spot in spots:
+        if spot == BODY_STAGES:
+            out.extend(range(1, num_stages - 2))
+        elif isinstance(spot, int) and -num_stages <= spot < num_stages:
+            out.append(spot % num_stages)
+        else:
+            raise ValueError(f"spot {spot!r} is not a stage index in [-{num_stages}, {num_stages}) nor 'stages'")
+    return out
 
 
 def masked_mean(per_sample: Tensor, mask: Tensor | None) -> Tensor:
@@ -34,10 +64,31 @@ class Distiller(nn.Module):
 
     name: str = "base"
     defaults = DistillerDefaults()
+    config_class: type = object  # the method's frozen hyper-parameter dataclass
+    student_preact = False  # True: the strategy hands over pre-activation student features
+    teacher_preact = False
 
     def __init__(self, spot_names: Sequence[str]) -> None:
         super().__init__()
         self.spot_names = list(spot_names)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained with the student (same optimiser); excludes pre-trained, then frozen, parts."""
+        frozen = {id(p) for p in self.pretrain_parameters()}
+        return [p for p in self.parameters() if id(p) not in frozen]
+
+    # Optional pre-training stage (FT's paraphraser): the engine runs `pretrain_epochs` epochs of SGD on
+    # `pretrain_loss(teacher_feats)` over `pretrain_parameters()` before distillation, then never updates them.
+    pretrain_epochs: int = 0
+    pretrain_lr: float = 0.01
+
+    def pretrain_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the pre-training stage (empty for most methods)."""
+        return []
+
+    def pretrain_loss(self, teacher_feats: list[Tensor]) -> Tensor:
+        """The pre-training objective on teacher features at this distiller's spots."""
+        raise NotImplementedError(f"{self.name} has no pre-training stage")
 
     def term_names(self) -> list[str]:
         """The metric names this distiller returns, one per spot."""
@@ -78,3 +129,19 @@ def build_config(cls: type, args: dict[str, Any], where: str) -> Any:
 def zero_like_loss(reference: Tensor) -> Tensor:
     """A zero that keeps the autograd graph attached to `reference` (no NaN, no dropped graph)."""
     return reference.sum() * 0.0 if reference.requires_grad else torch.zeros((), device=reference.device)
+
+
+def relational_term(loss_fn, student: Tensor, teacher: Tensor, mask: Tensor | None, min_samples: int = 2) -> Tensor:
+    """A batch-relational loss on the selected sub-batch, scaled by its share of the batch (sakd.md §8).
+
+    With no mask this is exactly `loss_fn(student, teacher)`. Fewer than `min_samples` selected samples give a
+    fresh zero (never a NaN multiplied by zero). Boolean selection syncs with the host; relational losses need a
+    data-dependent sub-batch anyway.
+    """
+    if mask is None:
+        return loss_fn(student, teacher)
+    keep = mask > 0.5
+    count = int(keep.sum())
+    if count < min_samples:
+        return zero_like_loss(student)
+    return loss_fn(student[keep], teacher[keep]) * (count / student.shape[0])

@@ -39,7 +39,7 @@ class KD(Distiller):
     defaults = DistillerDefaults(ce_weight=0.1, method_weight=0.9, spots=(-1,))
     config_class = KDConfig
 
-    def __init__(self, spot_names, student_shapes, teacher_shapes, config: KDConfig = KDConfig()) -> None:
+    def __init__(self, spot_names, student_shapes, teacher_shapes, config: KDConfig = KDConfig(), context=None) -> None:
         super().__init__(spot_names)
         for s, t in zip(student_shapes, teacher_shapes):
             if s != t:

@@ -67,7 +67,7 @@ class DistillConfig:
     method_weight: float | None = None  # None: the distiller's default (KD 0.9, AT 1000, ...)
     kl_weight: float = 0.0  # an extra KD term on top of any method (SAKD's beta_1)
     temperature: float = 4.0
-    spots: tuple[int, ...] | None = None  # stage indices; None: the distiller's default spots
+    spots: tuple[int | str, ...] | None = None  # stage indices (or "stages"); None: the distiller's default
     args: dict[str, Any] = field(default_factory=dict)  # the distiller's own hyper-parameters
 
 

@@ -11,7 +11,7 @@ import torch
 import adakd
 from adakd import data as datasets
 from adakd import distillers, models, strategies
-from adakd.distillers.base import build_config, spot_name
+from adakd.distillers.base import DistillContext
 from adakd.engine import distributed
 from adakd.engine.checkpoint import FORMAT, load_run_checkpoint, rng_state, save_atomic, set_rng_state
 from adakd.engine.config import ConfigError, RunConfig, to_dict
@@ -72,27 +72,21 @@ def build_model(spec, num_classes: int, role: str) -> torch.nn.Module:
     return model
 
 
-def build_distiller(config: RunConfig, student, teacher, input_shape):
+def build_distiller(config: RunConfig, student, teacher, input_shape, train_targets: torch.Tensor):
     """The distiller for `distill.method`, built from feature shapes measured on both networks."""
     cls = distillers.get(config.distill.method)
-    spots = list(config.distill.spots or cls.defaults.spots)
-    for net, name in ((student, config.model.name), (teacher, config.teacher.name)):
-        bad = [k for k in spots if not -net.num_stages <= k < net.num_stages]
-        if bad:
-            raise ConfigError(f"distill.spots: {bad} outside the {net.num_stages} stages of {name} "
-                              f"({', '.join(net.stage_names)}); negative indices count from the logits (-1)")
-    student_shapes, teacher_shapes = student.feature_shapes(input_shape), teacher.feature_shapes(input_shape)
     args = dict(config.distill.args)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     if "temperature" in fields and "temperature" not in args:
         args["temperature"] = config.distill.temperature
-    hparams = build_config(cls.config_class, args, "distill.args")
-    return cls(
-        [spot_name(student.stage_names, k) for k in spots],
-        [student_shapes[k] for k in spots],
-        [teacher_shapes[k] for k in spots],
-        hparams,
-    ), spots
+    context = DistillContext(num_classes=int(train_targets.max()) + 1 if len(train_targets) else 0,
+                             train_targets=train_targets)
+    try:
+        return distillers.create(config.distill.method, student, teacher, input_shape, config.distill.spots,
+                                 context, **args)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{config.distill.method} cannot distill {config.teacher.name} -> {config.model.name}: "
+                          f"{err}") from None
 
 
 def check_names(config: RunConfig) -> None:
@@ -128,11 +122,13 @@ class Trainer:
         student = models.staged(build_model(config.model, num_classes, "student"))
         student.to(device, memory_format=memory_format)
         teacher = distiller = None
-        spots: list[int] = []
+        student_spots: list[int] = []
+        teacher_spots: list[int] = []
         if config.task == "distill":
             teacher = models.frozen(build_model(config.teacher, num_classes, "teacher"))
             teacher.to(device, memory_format=memory_format)
-            distiller, spots = build_distiller(config, student, teacher, self.input_shape)
+            distiller, student_spots, teacher_spots = build_distiller(
+                config, student, teacher, self.input_shape, self.train_set.targets)
             distiller.to(device)
         self.student = student
         weights = self._loss_weights(distiller)
@@ -142,7 +138,8 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         try:
-            self.strategy = strategy_cls(wrapped, teacher, distiller, weights, spots, **config.strategy.args)
+            self.strategy = strategy_cls(wrapped, teacher, distiller, weights, student_spots, teacher_spots,
+                                         **config.strategy.args)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"strategy.args: {err}") from None
         self.lr = base_lr(config.optim, config.data.batch_size)

@@ -61,7 +61,8 @@ class Strategy:
         teacher: StagedModel | None,
         distiller: Distiller | None,
         weights: LossWeights,
-        spots: list[int],
+        student_spots: list[int] | None = None,
+        teacher_spots: list[int] | None = None,
         **options: Any,
     ) -> None:
         if options:
@@ -70,7 +71,8 @@ class Strategy:
         self.teacher = teacher
         self.distiller = distiller
         self.weights = weights
-        self.spots = spots
+        self.student_spots = list(student_spots or [])
+        self.teacher_spots = list(teacher_spots or self.student_spots)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.precision = Precision(torch.device("cpu"), enabled=False)
 
@@ -78,7 +80,7 @@ class Strategy:
         """Trainable parameters per optimiser: the student and the distiller's parts share one."""
         params = [p for p in self.student.parameters() if p.requires_grad]
         if self.distiller is not None:
-            params += [p for p in self.distiller.parameters() if p.requires_grad]
+            params += [p for p in self.distiller.trainable_parameters() if p.requires_grad]
         return {"main": params}
 
     def attach(self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision) -> None:
@@ -110,10 +112,11 @@ class Strategy:
         elif state.get("distiller"):
             raise ValueError("checkpoint holds distiller state but this run has no distiller")
 
-    def select(self, output: StagedOutput, preact: bool = False) -> list[Tensor]:
-        """The features at this strategy's spots."""
+    @staticmethod
+    def select(output: StagedOutput, spots: list[int], preact: bool = False) -> list[Tensor]:
+        """The features of one network at its spots."""
         source = output.preacts if preact else output.features
-        return [source[k] for k in self.spots]
+        return [source[k] for k in spots]
 
     def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int) -> dict[str, Tensor]:
         """One optimisation step; returns detached on-device scalars (loss terms, 'correct')."""

@@ -29,8 +29,8 @@ class Standard(Strategy):
                 teacher_out = self.teacher(images, preact=teacher_preact)
                 if self.distiller is not None:
                     named = self.distiller(
-                        self.select(student_out, student_preact),
-                        self.select(teacher_out, teacher_preact),
+                        self.select(student_out, self.student_spots, student_preact),
+                        self.select(teacher_out, self.teacher_spots, teacher_preact),
                         targets,
                         indices=indices,
                         epoch=epoch,
