@@ -6,26 +6,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-# Short top-level names for the most used keys: `adakd distill method=at strategy=sakd`.
-SHORTHANDS = {
-    "method": "distill.method",
-    "strategy": "strategy.name",
-    "student": "model.name",
-    "dataset": "data.name",
-    "epochs": "optim.epochs",
-    "lr": "optim.lr",
-}
-
-
-def expand_shorthands(overrides: Sequence[str]) -> list[str]:
-    """Rewrite `method=at` as `distill.method=at` (only the names in SHORTHANDS)."""
-    out = []
-    for text in overrides:
-        key, sep, value = text.partition("=")
-        out.append(f"{SHORTHANDS[key]}={value}" if sep and key in SHORTHANDS else text)
-    return out
-
-
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, e.g. optim.lr=0.01 model.name=resnet20")
@@ -66,7 +46,7 @@ def _run(args: argparse.Namespace, task: str) -> int:
     from adakd.engine.config import dump_yaml, resolve
     from adakd.engine.trainer import Trainer
 
-    overrides = expand_shorthands(args.overrides)
+    overrides = list(args.overrides)
     if args.resume:
         if args.preset or args.config:
             raise SystemExit("adakd: error: --resume takes the run's saved config; give only KEY=VALUE overrides")
@@ -102,7 +82,7 @@ def _eval(args: argparse.Namespace) -> int:
     from adakd.engine.trainer import load_data
 
     target = Path(args.target)
-    overrides = expand_shorthands(args.overrides)
+    overrides = list(args.overrides)
     weights = target
     if target.is_dir():
         weights = target / "best.pth" if (target / "best.pth").is_file() else target / "last.pth"
@@ -180,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.seeds < 1:
                 raise ConfigError("--seeds must be >= 1")
-            print(run_demo(args.out, expand_shorthands(args.overrides), seeds=args.seeds))
+            print(run_demo(args.out, list(args.overrides), seeds=args.seeds))
             return 0
     except (ConfigError, DatasetError, CheckpointError, RunDirError, UnknownNameError) as err:
         print(f"adakd: error: {err}", file=sys.stderr)

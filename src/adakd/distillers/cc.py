@@ -1,1 +1,65 @@
-"""(being written)"""
+"""CC: Peng et al., "Correlation Congruence for Knowledge Distillation" (ICCV 2019), in the CRD benchmark's form."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from adakd.distillers.base import Distiller, DistillerDefaults, relational_term, zero_like_loss
+from adakd.distillers.registry import register_distiller
+
+
+def cc_loss(student_embed: Tensor, teacher_embed: Tensor) -> Tensor:
+    """Batch-relational mean_i sum_d δ_{i,d}·δ_{i+1,d} with δ = |e_s - e_t|, over consecutive samples i, i+1.
+
+    The simplified form the CC authors supplied to HobbitLong/RepDistiller (distiller_zoo/CC.py, issue #15), used
+    instead of the paper's kernelised correlation matrices; e_s, e_t are the embedded pooled features. A batch of
+    fewer than two samples has no pair and gives a zero (the reference returns NaN). Float32 under AMP.
+    """
+    if student_embed.shape[0] < 2:
+        return zero_like_loss(student_embed)
+    dtype = torch.promote_types(student_embed.dtype, torch.float32)
+    delta = (student_embed.to(dtype) - teacher_embed.to(dtype)).abs()
+    return (delta[:-1] * delta[1:]).sum(dim=1).mean()
+
+
+@dataclass(frozen=True)
+class CCConfig:
+    """CC hyper-parameters: the embedding size, and whether the teacher's embedding head is trained."""
+
+    embed_dim: int = 128
+    # False reproduces the SAKD code's adaptive script, which detaches the teacher embedding (left at random init).
+    teacher_embed_trainable: bool = True
+
+
+@register_distiller("cc")
+class CC(Distiller):
+    """Correlation congruence on Linear(d -> embed_dim) embeddings of the pooled vectors of student and teacher."""
+
+    name = "cc"
+    defaults = DistillerDefaults(ce_weight=1.0, method_weight=0.02, spots=(-2,))
+    config_class = CCConfig
+
+    def __init__(self, spot_names, student_shapes, teacher_shapes, config: CCConfig = CCConfig(), context=None) -> None:
+        super().__init__(spot_names)
+        self.embed_s = nn.ModuleList(nn.Linear(math.prod(shape), config.embed_dim) for shape in student_shapes)
+        self.embed_t = nn.ModuleList(nn.Linear(math.prod(shape), config.embed_dim) for shape in teacher_shapes)
+        if not config.teacher_embed_trainable:
+            self.embed_t.requires_grad_(False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Both embedding heads, less the teacher's when it is frozen."""
+        return [p for p in super().trainable_parameters() if p.requires_grad]
+
+    def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
+        masks = masks or [None] * len(student_feats)
+        terms = {}
+        for spot, s, t, m, embed_s, embed_t in zip(self.spot_names, student_feats, teacher_feats, masks,
+                                                   self.embed_s, self.embed_t):
+            student_embed = embed_s(s.flatten(1))
+            # The teacher feature is a constant; only the teacher's embedding head may learn from this loss.
+            teacher_embed = embed_t(t.detach().flatten(1))
+            terms[f"cc/{spot}"] = relational_term(cc_loss, student_embed, teacher_embed, m)
+        return terms

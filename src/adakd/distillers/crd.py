@@ -1,1 +1,130 @@
-"""(being written)"""
+"""CRD: Tian, Krishnan and Isola, "Contrastive Representation Distillation" (ICLR 2020)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adakd.distillers.base import Distiller, DistillerDefaults, relational_term
+from adakd.distillers.registry import register_distiller
+
+NCE_EPS = 1e-7
+
+
+def crd_nce_loss(probs: Tensor, n_data: int) -> Tensor:
+    """Per-sample NCE loss of normalised scores `probs` [B, 1 + K] (column 0: the positive).
+
+    loss_b = -[log(P_pos / (P_pos + K P_n + eps)) + sum_neg log(K P_n / (P_neg + K P_n + eps))], P_n = 1 / N_data,
+    eps = 1e-7: Eq. 18 of the paper as HobbitLong/RepDistiller:crd/criterion.py (ContrastLoss) computes it; the
+    batch mean of these values is that code's loss.
+    """
+    noise = (probs.shape[1] - 1) / n_data
+    positive, negatives = probs[:, 0], probs[:, 1:]
+    log_positive = torch.log(positive / (positive + noise + NCE_EPS))
+    log_negatives = torch.log(noise / (negatives + noise + NCE_EPS)).sum(dim=1)
+    return -(log_positive + log_negatives)
+
+
+def momentum_update(rows: Tensor, embeddings: Tensor, momentum: float) -> Tensor:
+    """New memory rows: L2-normalise(momentum * rows + (1 - momentum) * embeddings)."""
+    return F.normalize(rows * momentum + embeddings * (1.0 - momentum), dim=1)
+
+
+@dataclass(frozen=True)
+class CRDConfig:
+    """CRD hyper-parameters (RepDistiller's CIFAR-100 values)."""
+
+    feat_dim: int = 128
+    num_negatives: int = 16384
+    temperature: float = 0.07
+    momentum: float = 0.5
+
+
+@register_distiller("crd")
+class CRD(Distiller):
+    """Contrastive distillation of the pooled vector against two memory banks of past embeddings.
+
+    Departures from RepDistiller: negatives are drawn on the device from other classes WITH replacement (the
+    reference draws without replacement unless a class has fewer than K negatives), and with a mask the loss,
+    the normalisers and the memory update use only the selected samples, scaled by n/B (sakd.md §8.3).
+    """
+
+    name = "crd"
+    defaults = DistillerDefaults(ce_weight=1.0, method_weight=0.8, spots=(-2,))
+    config_class = CRDConfig
+
+    def __init__(self, spot_names, student_shapes, teacher_shapes, config: CRDConfig = CRDConfig(), context=None):
+        super().__init__(spot_names)
+        if len(spot_names) != 1:
+            raise ValueError(f"crd distills one spot (its memory banks hold one embedding); got {list(spot_names)}")
+        targets = None if context is None else context.train_targets
+        if targets is None or targets.numel() == 0:
+            raise ValueError("crd needs the training labels: pass a DistillContext with train_targets")
+        counts = torch.bincount(targets, minlength=max(context.num_classes, int(targets.max()) + 1))
+        if int(counts.max()) == targets.numel():
+            raise ValueError("crd needs negatives from other classes, but every training sample has one class")
+        self.config = config
+        self.n_data = targets.numel()
+        self.embed_student = nn.Linear(math.prod(student_shapes[0]), config.feat_dim)
+        self.embed_teacher = nn.Linear(math.prod(teacher_shapes[0]), config.feat_dim)
+        bound = 1.0 / math.sqrt(config.feat_dim / 3)
+        for bank in ("memory_student", "memory_teacher"):
+            self.register_buffer(bank, (torch.rand(self.n_data, config.feat_dim) * 2 - 1) * bound)
+        # Negative values mean "not set yet": the first batch fixes them, and checkpoints carry them.
+        self.register_buffer("z_student", torch.tensor(-1.0))
+        self.register_buffer("z_teacher", torch.tensor(-1.0))
+        # Dataset indices grouped by class: class c owns order[start[c] : start[c] + count[c]].
+        self.register_buffer("order", torch.argsort(targets, stable=True), persistent=False)
+        self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
+        self.register_buffer("class_count", counts, persistent=False)
+
+    def sample_negatives(self, targets: Tensor) -> Tensor:
+        """K dataset indices per anchor, uniform over samples of other classes (with replacement)."""
+        count, start = self.class_count[targets, None], self.class_start[targets, None]
+        shape = (targets.shape[0], self.config.num_negatives)
+        # Modulo of a 62-bit draw: integer-exact, with a bias below 1e-12 for any dataset size.
+        rank = torch.randint(0, 2**62, shape, device=targets.device) % (self.n_data - count)
+        return self.order[rank + count * (rank >= start)]
+
+    def _scores(self, memory: Tensor, contrast: Tensor, anchor: Tensor) -> Tensor:
+        rows = memory[contrast]  # a copy: the in-place memory update below cannot reach the autograd graph
+        # exp(1 / 0.07) overflows float16, so the scores stay in the memory's precision under AMP.
+        with torch.autocast(anchor.device.type, enabled=False):
+            return torch.exp(torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2) / self.config.temperature)
+
+    def _normalised(self, scores: Tensor, z: Tensor) -> Tensor:
+        # torch.where keeps the "first batch" test on the device (no host sync); dividing by the fresh tensor,
+        # not the buffer, lets a second forward run before the first backward.
+        current = torch.where(z < 0, scores.detach().mean() * self.n_data, z)
+        z.copy_(current)
+        return scores / current
+
+    def contrast(self, student: Tensor, teacher: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+        """CRD on one (sub-)batch: student-anchored + teacher-anchored NCE, then the memory update."""
+        dtype = self.memory_student.dtype
+        v_s = F.normalize(self.embed_student(student.flatten(1)).to(dtype), dim=1)
+        v_t = F.normalize(self.embed_teacher(teacher.detach().flatten(1)).to(dtype), dim=1)
+        contrast = torch.cat([indices[:, None], self.sample_negatives(targets)], dim=1)
+        student_probs = self._normalised(self._scores(self.memory_teacher, contrast, v_s), self.z_student)
+        teacher_probs = self._normalised(self._scores(self.memory_student, contrast, v_t), self.z_teacher)
+        loss = crd_nce_loss(student_probs, self.n_data).mean() + crd_nce_loss(teacher_probs, self.n_data).mean()
+        with torch.no_grad():
+            momentum = self.config.momentum
+            self.memory_student.index_copy_(0, indices, momentum_update(self.memory_student[indices], v_s, momentum))
+            self.memory_teacher.index_copy_(0, indices, momentum_update(self.memory_teacher[indices], v_t, momentum))
+        return loss
+
+    def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
+        if indices is None:
+            raise ValueError("CRD needs dataset indices: pass indices= (the batch's positions in the training set)")
+        mask = (masks or [None])[0]
+
+        def on_selected(student: Tensor, teacher: Tensor) -> Tensor:
+            keep = slice(None) if mask is None else mask > 0.5
+            return self.contrast(student, teacher, targets[keep], indices[keep])
+
+        term = relational_term(on_selected, student_feats[0], teacher_feats[0], mask, min_samples=1)
+        return {f"crd/{self.spot_names[0]}": term}

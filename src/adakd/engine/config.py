@@ -69,6 +69,19 @@ class DistillConfig:
     temperature: float = 4.0
     spots: tuple[int | str, ...] | None = None  # stage indices (or "stages"); None: the distiller's default
     args: dict[str, Any] = field(default_factory=dict)  # the distiller's own hyper-parameters
+    # Per-method defaults that a preset carries (DKD's per-pair beta, ImageNet's KD weights), used only when
+    # `method` matches: {method: {ce_weight, method_weight, args}}. Explicit top-level values win.
+    by_method: dict[str, Any] = field(default_factory=dict)
+
+    def for_method(self) -> "DistillConfig":
+        """This config with the `by_method` entry of `method` filled in where nothing explicit was given."""
+        entry = self.by_method.get(self.method, {})
+        return dataclasses.replace(
+            self,
+            ce_weight=self.ce_weight if self.ce_weight is not None else entry.get("ce_weight"),
+            method_weight=self.method_weight if self.method_weight is not None else entry.get("method_weight"),
+            args={**entry.get("args", {}), **self.args},
+        )
 
 
 @dataclass(frozen=True)
@@ -197,11 +210,23 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Short names for the most used keys: `adakd distill method=at strategy=sakd`.
+SHORTHANDS = {
+    "method": "distill.method",
+    "strategy": "strategy.name",
+    "student": "model.name",
+    "dataset": "data.name",
+    "epochs": "optim.epochs",
+    "lr": "optim.lr",
+}
+
+
 def parse_override(text: str) -> dict[str, Any]:
-    """Turn `optim.lr=0.01` into {'optim': {'lr': 0.01}} (the value is read as YAML)."""
+    """Turn `optim.lr=0.01` into {'optim': {'lr': 0.01}} (the value is read as YAML; SHORTHANDS expand)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value, e.g. optim.lr=0.01")
     key, raw = text.split("=", 1)
+    key = SHORTHANDS.get(key, key)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key; write e.g. optim.lr=0.01")
     try:
@@ -274,6 +299,15 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
 
 def validate(config: RunConfig) -> None:
     """Range checks that types alone cannot express."""
+    for method, entry in config.distill.by_method.items():
+        allowed = {"ce_weight": float, "method_weight": float, "args": dict}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"distill.by_method.{method}: expected a mapping of ce_weight, method_weight, args")
+        for key, value in entry.items():
+            if key not in allowed:
+                raise ConfigError(f"unknown config key distill.by_method.{method}.{key}; valid keys: "
+                                  f"{', '.join(allowed)}")
+            _coerce(value, allowed[key], f"distill.by_method.{method}.{key}")
     checks = [
         (config.task in ("train", "distill"), "task", "must be 'train' or 'distill'"),
         (0 <= config.seed < 65536, "seed", "must lie in [0, 65536) (it seeds a 32-bit generator with the epoch)"),

@@ -110,6 +110,12 @@ class RunDir:
             self._tensorboard = SummaryWriter(str(self.path / "tensorboard"))
         return self._tensorboard
 
+    def write_pretrain(self, losses: list[float]) -> None:
+        """pretrain.csv: the distiller's pre-training loss per epoch."""
+        if self.enabled:
+            rows = "".join(f"{epoch},{loss}\n" for epoch, loss in enumerate(losses, 1))
+            write_text_atomic(self.path / "pretrain.csv", "epoch,loss\n" + rows)
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         """summary.json: last- and best-epoch results, labelled."""
         if self.enabled:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from adakd.engine import distributed
 from adakd.engine.checkpoint import FORMAT, load_run_checkpoint, rng_state, save_atomic, set_rng_state
 from adakd.engine.config import ConfigError, RunConfig, to_dict
 from adakd.engine.loop import evaluate, train_one_epoch
+from adakd.engine.pretrain import freeze_pretrain_parts, pretrain
 from adakd.engine.optim import MultiStepSchedule, base_lr, build_optimizers
 from adakd.engine.runs import RunDir
 from adakd.strategies.base import LossWeights, Precision
@@ -64,18 +66,25 @@ def build_model(spec, num_classes: int, role: str) -> torch.nn.Module:
     """Create a zoo model and load its weights strictly if a path is given."""
     kwargs = {"width_mult": spec.width_mult} if spec.width_mult is not None else {}
     model = models.create(spec.name, num_classes=num_classes, **kwargs)
-    if spec.weights:
-        models.load_weights(model, spec.weights, model_name=spec.name)
+    weights = spec.weights
+    if not weights and role == "teacher" and os.environ.get("ADAKD_TEACHERS"):
+        # The CRD benchmark's layout of published teachers: <dir>/<name>_vanilla/ckpt_epoch_240.pth.
+        candidate = Path(os.environ["ADAKD_TEACHERS"]) / f"{spec.name}_vanilla" / "ckpt_epoch_240.pth"
+        if candidate.is_file():
+            weights = str(candidate)
+    if weights:
+        models.load_weights(model, weights, model_name=spec.name)
     elif role == "teacher":
         raise ConfigError(f"teacher.weights is required: a randomly initialised teacher {spec.name!r} teaches "
-                          "nothing. Train one with `adakd train model.name=...` and pass its best.pth or last.pth")
+                          "nothing. Train one with `adakd train model.name=...` and pass its best.pth or last.pth, "
+                          "or set ADAKD_TEACHERS to a folder laid out as <name>_vanilla/ckpt_epoch_240.pth")
     return model
 
 
 def build_distiller(config: RunConfig, student, teacher, input_shape, train_targets: torch.Tensor):
     """The distiller for `distill.method`, built from feature shapes measured on both networks."""
     cls = distillers.get(config.distill.method)
-    args = dict(config.distill.args)
+    args = dict(config.distill.for_method().args)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     if "temperature" in fields and "temperature" not in args:
         args["temperature"] = config.distill.temperature
@@ -130,7 +139,9 @@ class Trainer:
             distiller, student_spots, teacher_spots = build_distiller(
                 config, student, teacher, self.input_shape, self.train_set.targets)
             distiller.to(device)
+            freeze_pretrain_parts(distiller)
         self.student = student
+        self.teacher, self.distiller, self.teacher_spots = teacher, distiller, teacher_spots
         weights = self._loss_weights(distiller)
         strategy_cls = strategies.get(config.strategy.name)
         try:
@@ -142,6 +153,9 @@ class Trainer:
                                          **config.strategy.args)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"strategy.args: {err}") from None
+        if distiller is not None and self.dist.distributed and any(p.requires_grad for p in distiller.parameters()):
+            # The distiller's heads learn with the student, so their gradients must be averaged across ranks too.
+            self.strategy.distiller_forward = distributed.wrap_student(distiller, self.dist)
         self.lr = base_lr(config.optim, config.data.batch_size)
         self.optimizers = build_optimizers(self.strategy.param_groups(), config.optim, self.lr)
         self.schedule = MultiStepSchedule(config.optim, self.optimizers, self.lr)
@@ -161,7 +175,7 @@ class Trainer:
             self._restore(checkpoint)
 
     def _loss_weights(self, distiller) -> LossWeights:
-        c = self.config.distill
+        c = self.config.distill.for_method()
         if distiller is None:
             return LossWeights(ce=1.0 if c.ce_weight is None else c.ce_weight)
         d = type(distiller).defaults
@@ -219,6 +233,8 @@ class Trainer:
         cfg = self.config
         progress = cfg.log.progress and self.dist.is_main
         try:
+            if self.epoch == 0 and self.distiller is not None and self.distiller.pretrain_epochs > 0:
+                self._pretrain(progress)
             while self.epoch < cfg.optim.epochs:
                 epoch = self.epoch + 1
                 lr = self.schedule.start_epoch(epoch)
@@ -247,6 +263,19 @@ class Trainer:
             return summary
         finally:
             self.run.close()
+
+    def _pretrain(self, progress: bool) -> None:
+        """The distiller's own pre-training stage, on a loader with its own seed stream."""
+        loader = datasets.make_loader(self.train_set, self.batch, train=True, device=self.dist.device,
+                                      seed=(self.config.seed + 32768) % 65536, rank=self.dist.rank,
+                                      world_size=self.dist.world_size, num_workers=self.config.data.num_workers)
+        history = pretrain(self.distiller, self.teacher, self.teacher_spots, loader, self.precision,
+                           self.dist.world_size, progress)
+        if self.dist.is_main:
+            self.run.write_pretrain(history)
+            if progress:
+                print(f"pre-training of {self.config.distill.method}: loss {history[0]:.4f} -> {history[-1]:.4f} "
+                      f"over {len(history)} epochs", flush=True)
 
     def summary(self) -> dict[str, Any]:
         """Last-epoch and best-epoch test accuracy, labelled (the field mixes them up)."""

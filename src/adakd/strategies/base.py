@@ -70,6 +70,8 @@ class Strategy:
         self.student = student  # a StagedModel, or DDP around one
         self.teacher = teacher
         self.distiller = distiller
+        # What the step calls: the distiller itself, or the engine's DDP wrapper around it.
+        self.distiller_forward: nn.Module | None = distiller
         self.weights = weights
         self.student_spots = list(student_spots or [])
         self.teacher_spots = list(teacher_spots or self.student_spots)

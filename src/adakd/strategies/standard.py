@@ -28,7 +28,7 @@ class Standard(Strategy):
             if self.teacher is not None:
                 teacher_out = self.teacher(images, preact=teacher_preact)
                 if self.distiller is not None:
-                    named = self.distiller(
+                    named = self.distiller_forward(
                         self.select(student_out, self.student_spots, student_preact),
                         self.select(teacher_out, self.teacher_spots, teacher_preact),
                         targets,
