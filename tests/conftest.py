@@ -20,6 +20,8 @@ def no_network(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def seeded():
-    """Every test starts from the same torch RNG state."""
+    """Every test starts from the same torch RNG state and leaves torch's global switches as it found them."""
     torch.manual_seed(0)
+    deterministic = torch.are_deterministic_algorithms_enabled()
     yield
+    torch.use_deterministic_algorithms(deterministic)

@@ -1,6 +1,7 @@
 """SP: the Gram-matrix formula by hand, sub-batch masking, gradients, real zoo pairs."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -12,6 +13,15 @@ from adakd.distillers.sp import SP, sp_loss
 
 PAIRS = [("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV1"),
          ("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2")]
+
+
+@functools.lru_cache(maxsize=None)
+def zoo_model(name):
+    """A staged zoo model and its features on a fixed batch of 4, built once per test file."""
+    model = M.staged(M.create(name))
+    with torch.no_grad():
+        features = model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))).features
+    return model, features
 
 
 def by_hand(student, teacher):
@@ -42,6 +52,12 @@ def test_sp_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda s: sp_loss(s, teacher), (student,))
 
 
+def test_sp_stays_in_float32_under_autocast():
+    student, teacher = torch.randn(5, 8, 2, 2), torch.randn(5, 4, 2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = sp_loss(student, teacher)
+    assert torch.equal(under_autocast, sp_loss(student, teacher))
+
 def test_sp_masks_select_a_sub_batch():
     sp = SP(["stage3"], [(3, 2, 2)], [(5, 2, 2)])
     student = torch.randn(6, 3, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -68,11 +84,9 @@ def test_sp_masks_select_a_sub_batch():
 
 @pytest.mark.parametrize("teacher_name,student_name", PAIRS)
 def test_sp_on_zoo_pairs(teacher_name, student_name):
-    student, teacher = M.staged(M.create(student_name)), M.staged(M.create(teacher_name))
+    (student, fs), (teacher, ft) = zoo_model(student_name), zoo_model(teacher_name)
     distiller, student_spots, teacher_spots = D.create("sp", student, teacher, (3, 32, 32))
     assert distiller.defaults.method_weight == 3000.0 and distiller.defaults.spots == (-3,)
     assert student_spots == [student.num_stages - 3] and not distiller.state_dict()
-    x = torch.randn(4, 3, 32, 32)
-    fs, ft = student(x).features, teacher(x).features
     out = distiller([fs[k] for k in student_spots], [ft[k] for k in teacher_spots], torch.zeros(4, dtype=torch.long))
     assert list(out) == [f"sp/stage{student.num_stages - 3}"] and torch.isfinite(out[next(iter(out))])

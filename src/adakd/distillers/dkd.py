@@ -22,7 +22,8 @@ def _binary_log_probs(scaled_logits: Tensor, targets: Tensor, target_mask: Tenso
     return torch.stack([log_target, log_rest], dim=1)
 
 
-def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
+              temperature: float) -> tuple[Tensor, Tensor]:
     """Per-sample (TCKD, NCKD), each T^2 * KL(teacher || student) summed over its classes.
 
     TCKD compares the binary [target, non-target] distributions of softmax(z / T); NCKD the distributions over
@@ -47,7 +48,7 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, al
 
     Follows megvii-research/mdistiller:mdistiller/distillers/DKD.py (T^2 scaling, the -1000 offset on the target
     logit for NCKD, the linear warm-up of the whole term). Departure, numerical only: the binary distribution is
-    taken in log space from log-sum-exps instead of the log of summed probabilities, which overflows to -inf
+    taken in log space from log-sum-exps instead of the log of summed probabilities, which is log 0 = -inf
     when a float32 softmax saturates.
     """
     tckd, nckd = dkd_parts(student_logits, teacher_logits, targets, temperature)

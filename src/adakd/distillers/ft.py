@@ -18,8 +18,9 @@ def ft_loss(student_factor: Tensor, teacher_factor: Tensor) -> Tensor:
 
     F_s = translator(f_s), F_t = paraphraser encoder(f_t). Follows HobbitLong/RepDistiller:distiller_zoo/FT.py
     (p1 = 2, p2 = 1, larger map adaptive-average-pooled to the smaller); its mean over batch and positions equals
-    the batch mean of these values. The paper's factor is the normalised factor tensor itself; RepDistiller's
-    channel-energy map phi (AT's map) is what the field reports.
+    the batch mean of these values. Departure from the paper (shared with RepDistiller): the paper compares the
+    L2-normalised, vectorised factors themselves; here, as in RepDistiller, phi is their normalised channel energy
+    (AT's map).
     """
     dtype = torch.promote_types(student_factor.dtype, torch.float32)
     student_factor, teacher_factor = pool_to_common_size(student_factor.to(dtype), teacher_factor.to(dtype))

@@ -19,7 +19,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     """
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32 under AMP, float64 kept
     log_p_student = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
     return kl * temperature**2
 

@@ -22,15 +22,17 @@ def pkt_loss(student_feat: Tensor, teacher_feat: Tensor, eps: float = 1e-7) -> T
     """Batch-relational mean_ij p^t_ij · log((p^t_ij + eps) / (p^s_ij + eps)).
 
     p_ij = c_ij / sum_k c_ik with c_ij = (cos(f_i, f_j) + 1) / 2 and rows L2-normalised as f / (||f|| + eps)
-    (the cosine kernel of Passalis & Tefas, ECCV 2018, eqs. 9-10). Follows
+    (the cosine kernel of Passalis & Tefas, ECCV 2018). Follows
     HobbitLong/RepDistiller:distiller_zoo/PKT.py, which takes the mean over all B² entries rather than the paper's
     sum; the reference's NaN-to-zero step after normalising is dropped, since the +eps already keeps a zero row
     finite. One scalar for the batch; float32 under AMP.
     """
     dtype = torch.promote_types(student_feat.dtype, torch.float32)
-    p_student = _affinity(student_feat.to(dtype), eps)
-    p_teacher = _affinity(teacher_feat.to(dtype), eps)
-    return (p_teacher * torch.log((p_teacher + eps) / (p_student + eps))).mean()
+    # eps = 1e-7 is below float16 resolution near 1: keep the cosine matmuls out of autocast.
+    with torch.autocast(student_feat.device.type, enabled=False):
+        p_student = _affinity(student_feat.to(dtype), eps)
+        p_teacher = _affinity(teacher_feat.to(dtype), eps)
+        return (p_teacher * torch.log((p_teacher + eps) / (p_student + eps))).mean()
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,11 @@ class ReviewKD(Distiller):
     """Student levels fused deepest first by ABF blocks, each matched to the teacher level by HCL.
 
     Spots are read shallow to deep (the last is the deepest, normally the pooled vector). One term per level,
-    named by the student spot, already multiplied by the warm-up ramp.
+    named by the student spot, already multiplied by the warm-up ramp. Follows mdistiller (teacher pre-activations,
+    student post-activations as its CIFAR default STU_PREACT = False). Departures: one term per level instead of
+    their sum; shapes and channels measured, not configured; `mid_channels_max` is honoured (mdistiller hard-codes
+    512). In training mode the ABF BatchNorms use batch statistics, so a masked level still couples samples
+    through them, as in mdistiller.
     """
 
     name = "reviewkd"
@@ -118,14 +122,18 @@ class ReviewKD(Distiller):
         self.warmup_epochs = config.warmup_epochs
         self.student_preact = config.student_preact
 
-    def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
-        masks = masks or [None] * len(student_feats)
+    def fuse(self, student_feats: list[Tensor]) -> list[Tensor]:
+        """The student's levels reviewed deepest first; level k comes out in the teacher's level-k shape."""
         fused: list[Tensor] = [None] * len(student_feats)
         residual = None
         for level in reversed(range(len(student_feats))):
             fused[level], residual = self.fusions[level](as_map(student_feats[level]), residual, self.out_sizes[level])
+        return fused
+
+    def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
+        masks = masks or [None] * len(student_feats)
         ramp = warmup_factor(epoch, self.warmup_epochs)
         return {
             f"reviewkd/{spot}": masked_mean(hcl_loss(s, as_map(t.detach())), m) * ramp
-            for spot, s, t, m in zip(self.spot_names, fused, teacher_feats, masks)
+            for spot, s, t, m in zip(self.spot_names, self.fuse(student_feats), teacher_feats, masks)
         }

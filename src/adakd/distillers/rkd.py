@@ -34,19 +34,21 @@ def rkd_loss(student_feat: Tensor, teacher_feat: Tensor, distance_weight: float 
     """Batch-relational w_d·smoothL1(ψ_D^s, ψ_D^t) + w_a·smoothL1(ψ_A^s, ψ_A^t), each averaged over its entries.
 
     ψ_D = pairwise Euclidean distances (squared distances clamped at eps before the root, diagonal 0) divided by
-    their mean over positive entries; ψ_A = cosines of the angles over all B³ triplets (Park et al., CVPR 2019,
-    eqs. 4-7). Follows HobbitLong/RepDistiller:distiller_zoo/RKD.py. Departure: where a mean distance is 0 (a
+    their mean over positive entries; ψ_A = cosines of the angles over all B³ triplets (Park et al., CVPR 2019).
+    Follows HobbitLong/RepDistiller:distiller_zoo/RKD.py. Departure: where a mean distance is 0 (a
     batch of one) the distance term is 0 instead of NaN; the mean is taken without boolean indexing, so no host
     sync. One scalar for the batch; float32 under AMP.
     """
     dtype = torch.promote_types(student_feat.dtype, torch.float32)
     student = student_feat.reshape(student_feat.shape[0], -1).to(dtype)
     teacher = teacher_feat.reshape(teacher_feat.shape[0], -1).to(dtype)
-    dist_s, ok_s = _distances(student, eps)
-    dist_t, ok_t = _distances(teacher, eps)
-    distance_term = F.smooth_l1_loss(dist_s, dist_t) * (ok_s & ok_t)
-    angle_term = F.smooth_l1_loss(_angles(student), _angles(teacher))
-    return distance_weight * distance_term + angle_weight * angle_term
+    # |a|² + |b|² - 2ab cancels catastrophically in float16: keep the matmuls out of autocast.
+    with torch.autocast(student.device.type, enabled=False):
+        dist_s, ok_s = _distances(student, eps)
+        dist_t, ok_t = _distances(teacher, eps)
+        distance_term = F.smooth_l1_loss(dist_s, dist_t) * (ok_s & ok_t)
+        angle_term = F.smooth_l1_loss(_angles(student), _angles(teacher))
+        return distance_weight * distance_term + angle_weight * angle_term
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,15 @@ def _similarity(feat: Tensor) -> Tensor:
 def sp_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     """Batch-relational ||G_t - G_s||_F^2 / B^2 with G = row-wise L2-normalised F·Fᵀ of the flattened maps.
 
-    Tung & Mori, ICCV 2019, eqs. 2-4; follows HobbitLong/RepDistiller:distiller_zoo/SP.py (verified there by
+    Tung & Mori, ICCV 2019; follows HobbitLong/RepDistiller:distiller_zoo/SP.py (verified there by
     the paper's authors). Relations between samples are the point of the method, so there is no per-sample
     value: one scalar for the batch. Computed in float32 under AMP. No departure from the paper.
     """
     dtype = torch.promote_types(student_feat.dtype, torch.float32)
-    diff = _similarity(teacher_feat.to(dtype)) - _similarity(student_feat.to(dtype))
-    return diff.pow(2).sum() / student_feat.shape[0] ** 2
+    # Dot products of maps with thousands of entries overflow float16: keep the matmuls out of autocast.
+    with torch.autocast(student_feat.device.type, enabled=False):
+        diff = _similarity(teacher_feat.to(dtype)) - _similarity(student_feat.to(dtype))
+        return diff.pow(2).sum() / student_feat.shape[0] ** 2
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ def vid_loss(pred_mean: Tensor, teacher_feat: Tensor, log_scale: Tensor, eps: fl
     """Per-sample mean over (C, H, W) of ½·[(μ - t)² / σ² + log σ²], with σ²_c = softplus(log_scale_c) + eps.
 
     The Gaussian negative log-likelihood (constant dropped) of the teacher feature t under a mean μ regressed from
-    the student and a learned per-channel variance (Ahn et al., CVPR 2019, eq. 6). Follows
-    HobbitLong/RepDistiller:distiller_zoo/VID.py (the authors' code), which averages over every element rather than
-    summing as the paper's eq. 6 does. Float32 under AMP.
+    the student and a learned per-channel variance (Ahn et al., CVPR 2019). Follows
+    HobbitLong/RepDistiller:distiller_zoo/VID.py (the authors' code), which averages over every element where the paper
+    sums over channels and positions. Float32 under AMP.
     """
     dtype = torch.promote_types(pred_mean.dtype, torch.float32)
     variance = (F.softplus(log_scale.to(dtype)) + eps).view(1, -1, *[1] * (pred_mean.dim() - 2))

@@ -66,7 +66,7 @@ class DistillConfig:
     ce_weight: float | None = None  # None: the distiller's default (KD 0.1, the others 1.0)
     method_weight: float | None = None  # None: the distiller's default (KD 0.9, AT 1000, ...)
     kl_weight: float = 0.0  # an extra KD term on top of any method (SAKD's beta_1)
-    temperature: float = 4.0
+    temperature: float = 4.0  # of that extra KD term; a method's own temperature is in `args`
     spots: tuple[int | str, ...] | None = None  # stage indices (or "stages"); None: the distiller's default
     args: dict[str, Any] = field(default_factory=dict)  # the distiller's own hyper-parameters
     # Per-method defaults that a preset carries (DKD's per-pair beta, ImageNet's KD weights), used only when

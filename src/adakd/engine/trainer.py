@@ -83,11 +83,9 @@ def build_model(spec, num_classes: int, role: str) -> torch.nn.Module:
 
 def build_distiller(config: RunConfig, student, teacher, input_shape, train_targets: torch.Tensor):
     """The distiller for `distill.method`, built from feature shapes measured on both networks."""
-    cls = distillers.get(config.distill.method)
+    # distill.temperature belongs to the optional KL term; a method's own temperature (KD's T, CRD's NCE
+    # temperature) is one of its args.
     args = dict(config.distill.for_method().args)
-    fields = {f.name for f in dataclasses.fields(cls.config_class)}
-    if "temperature" in fields and "temperature" not in args:
-        args["temperature"] = config.distill.temperature
     context = DistillContext(num_classes=int(train_targets.max()) + 1 if len(train_targets) else 0,
                              train_targets=train_targets)
     try:

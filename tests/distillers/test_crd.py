@@ -1,0 +1,260 @@
+"""CRD: the NCE formula by hand, the class-aware sampler, memory banks, normalisers, masks, zoo pairs."""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+
+import adakd.distillers as D
+import adakd.models as M
+from adakd.distillers.base import DistillContext
+from adakd.distillers.crd import CRD, CRDConfig, crd_nce_loss, momentum_update
+
+# Eight samples in three classes of unequal size (3, 3, 2), as in the hand cases below.
+TINY_TARGETS = torch.tensor([0, 1, 2, 0, 1, 0, 2, 1])
+TINY = CRDConfig(feat_dim=4, num_negatives=3, temperature=0.5, momentum=0.5)
+
+
+def tiny_crd(config: CRDConfig = TINY, dtype=torch.float64) -> CRD:
+    return CRD(["pooled"], [(5,)], [(6,)], config, DistillContext(3, TINY_TARGETS)).to(dtype)
+
+
+def tiny_batch(batch: int = 4, dtype=torch.float64):
+    student = torch.randn(batch, 5, dtype=dtype, requires_grad=True)
+    teacher = torch.randn(batch, 6, dtype=dtype)
+    indices = torch.tensor([0, 1, 2, 6, 4, 5, 3, 7])[:batch]
+    return student, teacher, TINY_TARGETS[indices], indices
+
+
+def run(crd: CRD, student, teacher, targets, indices, mask=None, seed: int = 1):
+    torch.manual_seed(seed)
+    masks = None if mask is None else [mask]
+    return crd([student], [teacher], targets, masks=masks, indices=indices)["crd/pooled"]
+
+
+def test_nce_by_hand_with_three_negatives_and_eight_samples():
+    probs = torch.tensor([[0.5, 0.1, 0.2, 0.05], [0.01, 0.3, 0.02, 0.9]], dtype=torch.float64)
+    noise = 3 / 8  # K * P_n with K = 3, N = 8
+    expected = []
+    for row in probs.tolist():
+        value = math.log(row[0] / (row[0] + noise + 1e-7))
+        value += sum(math.log(noise / (p + noise + 1e-7)) for p in row[1:])
+        expected.append(-value)
+    assert torch.allclose(crd_nce_loss(probs, 8), torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+
+
+def test_nce_gradient_matches_finite_differences():
+    probs = torch.rand(3, 5, dtype=torch.float64).add(0.05).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: crd_nce_loss(p, 20), (probs,))
+
+
+def test_negatives_never_share_the_anchor_class_and_cover_every_other_sample():
+    targets = torch.tensor([2, 0, 1, 1, 0, 2, 2, 1, 0, 2, 0, 1, 1])
+    crd = CRD(["pooled"], [(4,)], [(4,)], CRDConfig(num_negatives=4000), DistillContext(3, targets))
+    anchors = torch.tensor([0, 1, 2, 2])
+    negatives = crd.sample_negatives(anchors)
+    assert negatives.shape == (4, 4000)
+    for row, label in zip(negatives, anchors):
+        assert torch.all(targets[row] != label)
+        assert set(row.tolist()) == set(torch.nonzero(targets != label).flatten().tolist())
+        # Uniform over the other classes: every allowed sample is drawn about equally often.
+        counts = torch.bincount(row, minlength=len(targets))[targets != label].double()
+        assert counts.min() > 0.7 * counts.mean()
+
+
+def test_more_negatives_than_other_samples_are_drawn_with_replacement():
+    crd = tiny_crd(CRDConfig(num_negatives=50))
+    negatives = crd.sample_negatives(torch.tensor([0, 2]))
+    assert negatives.shape == (2, 50)
+    assert torch.all(TINY_TARGETS[negatives[0]] != 0) and torch.all(TINY_TARGETS[negatives[1]] != 2)
+
+
+def test_momentum_update_on_a_hand_case():
+    rows = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)
+    embeddings = torch.tensor([[0.0, 1.0], [0.6, 0.8]], dtype=torch.float64)
+    got = momentum_update(rows, embeddings, 0.5)
+    half = 1 / math.sqrt(2)
+    assert torch.allclose(got, torch.tensor([[half, half], [0.6, 0.8]], dtype=torch.float64), atol=1e-15)
+
+
+def independent_crd(crd: CRD, student, teacher, targets, indices, seed: int = 1):
+    """CRD written out directly: (loss, new student memory, new teacher memory, z_s, z_t)."""
+    torch.manual_seed(seed)
+    negatives = crd.sample_negatives(targets)
+    contrast = torch.cat([indices[:, None], negatives], 1)
+    v_s = crd.embed_student(student)
+    v_s = v_s / v_s.norm(dim=1, keepdim=True)
+    v_t = crd.embed_teacher(teacher)
+    v_t = v_t / v_t.norm(dim=1, keepdim=True)
+    n, k, temperature = crd.n_data, crd.config.num_negatives, crd.config.temperature
+    total = 0.0
+    zs = []
+    for memory, anchor in ((crd.memory_teacher, v_s), (crd.memory_student, v_t)):
+        scores = torch.exp(torch.einsum("bkd,bd->bk", memory[contrast], anchor) / temperature)
+        z = scores.mean() * n
+        zs.append(z)
+        probs = (scores / z).tolist()
+        for row in probs:
+            total -= math.log(row[0] / (row[0] + k / n + 1e-7))
+            total -= sum(math.log((k / n) / (p + k / n + 1e-7)) for p in row[1:])
+    new_s, new_t = crd.memory_student.clone(), crd.memory_teacher.clone()
+    for memory, v in ((new_s, v_s), (new_t, v_t)):
+        mixed = 0.5 * memory[indices] + 0.5 * v.detach()
+        memory[indices] = mixed / mixed.norm(dim=1, keepdim=True)
+    return total / len(indices), new_s, new_t, zs[0], zs[1]
+
+
+def test_loss_memory_and_normalisers_match_a_direct_computation():
+    crd = tiny_crd()
+    student, teacher, targets, indices = tiny_batch()
+    expected, new_s, new_t, z_s, z_t = independent_crd(copy.deepcopy(crd), student, teacher, targets, indices)
+    assert crd.z_student < 0 and crd.z_teacher < 0
+    got = run(crd, student, teacher, targets, indices)
+    assert abs(got.item() - expected) < 1e-10
+    assert torch.allclose(crd.memory_student, new_s, atol=1e-14)
+    assert torch.allclose(crd.memory_teacher, new_t, atol=1e-14)
+    assert torch.allclose(crd.z_student, z_s.detach()) and torch.allclose(crd.z_teacher, z_t.detach())
+    assert torch.allclose(crd.memory_student[indices].norm(dim=1), torch.ones(4, dtype=torch.float64))
+
+
+def test_normalisers_are_fixed_after_the_first_call():
+    crd = tiny_crd()
+    student, teacher, targets, indices = tiny_batch()
+    run(crd, student, teacher, targets, indices)
+    fixed = crd.z_student.clone(), crd.z_teacher.clone()
+    run(crd, torch.randn(4, 5, dtype=torch.float64) * 10, torch.randn(4, 6, dtype=torch.float64), targets, indices)
+    assert torch.equal(crd.z_student, fixed[0]) and torch.equal(crd.z_teacher, fixed[1])
+    assert fixed[0] > 0 and fixed[1] > 0
+
+
+def test_memory_rows_outside_the_batch_are_untouched():
+    crd = tiny_crd()
+    before = crd.memory_student.clone(), crd.memory_teacher.clone()
+    student, teacher, targets, indices = tiny_batch(3)
+    run(crd, student, teacher, targets, indices)
+    outside = torch.tensor([i for i in range(8) if i not in indices.tolist()])
+    assert torch.equal(crd.memory_student[outside], before[0][outside])
+    assert torch.equal(crd.memory_teacher[outside], before[1][outside])
+    assert not torch.equal(crd.memory_student[indices], before[0][indices])
+
+
+def test_all_ones_mask_equals_no_mask_exactly():
+    crd = tiny_crd()
+    twin = copy.deepcopy(crd)
+    student, teacher, targets, indices = tiny_batch()
+    plain = run(crd, student, teacher, targets, indices)
+    ones = run(twin, student, teacher, targets, indices, mask=torch.ones(4, dtype=torch.float64))
+    assert torch.equal(plain, ones)
+    assert torch.equal(crd.memory_student, twin.memory_student) and torch.equal(crd.z_teacher, twin.z_teacher)
+
+
+def test_mask_scores_and_updates_only_the_selected_sub_batch():
+    crd = tiny_crd()
+    twin = copy.deepcopy(crd)
+    before = crd.memory_student.clone()
+    student, teacher, targets, indices = tiny_batch()
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    masked = run(crd, student, teacher, targets, indices, mask=mask)
+    keep = mask > 0.5
+    sub = run(twin, student[keep], teacher[keep], targets[keep], indices[keep])
+    assert torch.allclose(masked, sub * 0.5, atol=1e-14)
+    assert torch.equal(crd.memory_student, twin.memory_student) and torch.equal(crd.z_student, twin.z_student)
+    assert torch.equal(crd.memory_student[indices[~keep]], before[indices[~keep]])
+    masked.backward()
+    assert torch.all(student.grad[~keep] == 0) and torch.all(student.grad[keep].abs().sum(1) > 0)
+
+
+def test_no_selected_sample_gives_zero_and_no_update_one_gives_a_normal_loss():
+    crd = tiny_crd()
+    before = copy.deepcopy(crd.state_dict())
+    student, teacher, targets, indices = tiny_batch()
+    zero = run(crd, student, teacher, targets, indices, mask=torch.zeros(4, dtype=torch.float64))
+    assert zero.item() == 0.0
+    zero.backward()
+    assert student.grad is None or torch.all(student.grad == 0)
+    for key, value in crd.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    one = run(crd, student, teacher, targets, indices, mask=torch.tensor([0.0, 0, 1, 0], dtype=torch.float64))
+    assert torch.isfinite(one) and one > 0 and crd.z_student > 0
+
+
+def test_teacher_features_get_no_gradient_and_the_teacher_head_trains():
+    crd = tiny_crd()
+    student, teacher, targets, indices = tiny_batch()
+    teacher.requires_grad_(True)
+    run(crd, student, teacher, targets, indices).backward()
+    assert teacher.grad is None
+    assert crd.embed_teacher.weight.grad.abs().sum() > 0 and crd.embed_student.weight.grad.abs().sum() > 0
+
+
+def test_missing_indices_and_missing_labels_raise():
+    crd = tiny_crd()
+    student, teacher, targets, _ = tiny_batch()
+    with pytest.raises(ValueError, match="CRD needs dataset indices"):
+        crd([student], [teacher], targets)
+    with pytest.raises(ValueError, match="train_targets"):
+        CRD(["pooled"], [(5,)], [(6,)], TINY, DistillContext(3, torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(ValueError, match="other classes"):
+        CRD(["pooled"], [(5,)], [(6,)], TINY, DistillContext(1, torch.zeros(8, dtype=torch.long)))
+
+
+def test_state_dict_round_trip_carries_memory_banks_and_normalisers():
+    crd = tiny_crd()
+    student, teacher, targets, indices = tiny_batch()
+    run(crd, student, teacher, targets, indices)
+    state = crd.state_dict()
+    assert {"memory_student", "memory_teacher", "z_student", "z_teacher"} <= set(state)
+    torch.manual_seed(123)
+    restored = tiny_crd()
+    restored.load_state_dict(state, strict=True)
+    assert torch.equal(run(crd, student, teacher, targets, indices, seed=7),
+                       run(restored, student, teacher, targets, indices, seed=7))
+    assert torch.equal(crd.memory_teacher, restored.memory_teacher)
+
+
+def test_defaults_and_memory_initialisation():
+    assert "crd" in D.available()
+    assert CRD.defaults == D.DistillerDefaults(ce_weight=1.0, method_weight=0.8, spots=(-2,))
+    assert CRDConfig() == CRDConfig(feat_dim=128, num_negatives=16384, temperature=0.07, momentum=0.5)
+    crd = CRD(["pooled"], [(8,)], [(8,)], CRDConfig(), DistillContext(10, torch.arange(3000) % 10))
+    bound = 1 / math.sqrt(128 / 3)
+    assert crd.memory_student.shape == (3000, 128) and crd.memory_student.abs().max() <= bound
+    assert crd.memory_student.abs().max() > 0.99 * bound
+    assert not torch.equal(crd.memory_student, crd.memory_teacher)
+
+
+# (teacher, student, CRD embed parameters from model-zoo.md §6)
+PAIRS = [
+    ("resnet32x4", "resnet8x4", 65_792),
+    ("vgg13", "vgg8", 131_328),
+    ("wrn_40_2", "wrn_16_2", 33_024),
+    ("resnet32x4", "ShuffleV1", 155_904),
+    ("vgg13", "MobileNetV2", 229_632),
+    ("ResNet50", "MobileNetV2", 426_240),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def zoo_model(name: str):
+    """A staged zoo model and its outputs on one fixed batch of 4 (CPU time is scarce)."""
+    model = M.frozen(M.create(name))
+    return model, model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("teacher_name,student_name,embed_params", PAIRS)
+def test_zoo_pairs_build_the_documented_heads_and_run(teacher_name, student_name, embed_params):
+    (student, student_out), (teacher, teacher_out) = zoo_model(student_name), zoo_model(teacher_name)
+    context = DistillContext(100, torch.arange(500) % 100)
+    crd, student_spots, teacher_spots = D.create("crd", student, teacher, (3, 32, 32), context=context)
+    assert sum(p.numel() for p in crd.parameters()) == embed_params
+    assert crd.memory_student.shape == crd.memory_teacher.shape == (500, 128)
+    student_feats = [student_out.features[k].clone().requires_grad_() for k in student_spots]
+    teacher_feats = [teacher_out.features[k] for k in teacher_spots]
+    indices = torch.tensor([3, 10, 200, 499])
+    out = crd(student_feats, teacher_feats, context.train_targets[indices], indices=indices)
+    assert list(out) == ["crd/pooled"] and torch.isfinite(out["crd/pooled"])
+    out["crd/pooled"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in crd.parameters())

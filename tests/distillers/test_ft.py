@@ -1,0 +1,137 @@
+"""FT: the factor loss by hand, paraphraser/translator layout and sizes, pre-training, masks, zoo pairs."""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import pytest
+import torch
+from torch import nn
+
+import adakd.distillers as D
+import adakd.models as M
+from adakd.distillers.ft import FT, FTConfig, ft_loss
+
+# FT paraphraser / translator sizes of reference/model-zoo.md §6 (teacher, student) -> parameters.
+HEAD_SIZES = {("wrn_40_2", "wrn_16_2"): (516_672, 258_816), ("resnet32x4", "resnet8x4"): (2_065_536, 1_033_728),
+              ("vgg13", "vgg8"): (8_259_840, 4_131_840), ("vgg13", "MobileNetV2"): (8_259_840, 1_190_880),
+              ("ResNet50", "MobileNetV2"): (132_129_792, 11_148_768),
+              ("resnet32x4", "ShuffleV1"): (2_065_536, 9_551_424)}
+
+
+@lru_cache(maxsize=None)
+def zoo_model(name: str):
+    torch.manual_seed(0)
+    net = M.staged(M.create(name)).eval()
+    with torch.no_grad():
+        return net, net(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))).features
+
+
+def test_ft_loss_by_hand_with_pooling():
+    student = torch.tensor([[[[1.0, 0.0], [2.0, 1.0]]]], dtype=torch.float64)            # 1 channel, 2x2
+    teacher = torch.tensor([[[[1.0, 2.0]], [[1.0, 0.0]]]], dtype=torch.float64)          # 2 channels, 1x2
+    # student pooled to 1x2: [1.5, 0.5] -> squares [2.25, 0.25]; teacher channel means of squares [1, 2]
+    phi_s = [2.25 / math.hypot(2.25, 0.25), 0.25 / math.hypot(2.25, 0.25)]
+    phi_t = [1 / math.sqrt(5), 2 / math.sqrt(5)]
+    expected = (abs(phi_s[0] - phi_t[0]) + abs(phi_s[1] - phi_t[1])) / 2
+    assert math.isclose(ft_loss(student, teacher).item(), expected, rel_tol=1e-12)
+    a, b = torch.randn(5, 3, 4, 4), torch.randn(5, 2, 4, 4)
+
+    def factor(f):  # the CRD benchmark's factor, written with a norm
+        energy = f.pow(2).mean(1).flatten(1)
+        return energy / energy.norm(dim=1, keepdim=True)
+
+    assert torch.allclose(ft_loss(a, b).mean(), (factor(a) - factor(b)).abs().mean())
+
+
+def test_ft_gradient_matches_finite_differences():
+    student = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 3, 2, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda s: ft_loss(s, teacher), (student,))
+
+
+def layer_kinds(module):
+    return [(type(m).__name__, getattr(m, "in_channels", None), getattr(m, "out_channels", None))
+            for m in module if not isinstance(m, nn.Identity)]
+
+
+def test_ft_paraphraser_and_translator_layout():
+    ft = FT(["stage3"], [(6, 4, 4)], [(8, 2, 2)])
+    paraphraser, translator = ft.paraphrasers[0], ft.translators[0]
+    leaky = ("LeakyReLU", None, None)
+    assert layer_kinds(paraphraser.encoder) == [("Conv2d", 8, 8), leaky, ("Conv2d", 8, 4), leaky, ("Conv2d", 4, 4),
+                                                leaky]
+    assert layer_kinds(paraphraser.decoder) == [("ConvTranspose2d", 4, 4), leaky, ("ConvTranspose2d", 4, 8), leaky,
+                                                ("ConvTranspose2d", 8, 8), leaky]
+    bn = [("BatchNorm2d", None, None)]
+    assert layer_kinds(translator) == [("Conv2d", 6, 6), *bn, leaky, ("Conv2d", 6, 4), *bn, leaky, ("Conv2d", 4, 4),
+                                       *bn, leaky]
+    convs = [m for m in [*paraphraser.modules(), *translator.modules()] if isinstance(m, nn.modules.conv._ConvNd)]
+    assert all(m.kernel_size == (3, 3) and m.stride == (1, 1) and m.padding == (1, 1) for m in convs)
+    assert all(m.negative_slope == 0.1 for m in translator.modules() if isinstance(m, nn.LeakyReLU))
+    with pytest.raises(ValueError, match="spatial maps"):
+        FT(["pooled"], [(8,)], [(8,)])
+
+
+def test_ft_pretraining_hook():
+    ft = FT(["stage3"], [(3, 4, 4)], [(4, 4, 4)], FTConfig(pretrain_epochs=30, pretrain_lr=0.01))
+    assert ft.pretrain_epochs == 30 and ft.pretrain_lr == 0.01
+    para = {id(p) for p in ft.paraphrasers.parameters()}
+    assert {id(p) for p in ft.pretrain_parameters()} == para
+    assert {id(p) for p in ft.trainable_parameters()} == {id(p) for p in ft.translators.parameters()}
+    teacher = torch.rand(8, 4, 4, 4)
+    loss = ft.pretrain_loss([teacher])
+    assert torch.allclose(loss, ((ft.paraphrasers[0](teacher) - teacher) ** 2).mean())
+    optimiser = torch.optim.SGD(ft.pretrain_parameters(), lr=0.05, momentum=0.9)
+    for _ in range(10):
+        optimiser.zero_grad(set_to_none=True)
+        ft.pretrain_loss([teacher]).backward()
+        optimiser.step()
+    assert ft.pretrain_loss([teacher]) < loss
+    assert all(p.grad is None for p in ft.translators.parameters())
+
+
+def test_ft_module_masks_frozen_paraphraser_and_teacher():
+    ft = FT(["stage3"], [(3, 4, 4)], [(4, 2, 2)]).double().eval()
+    student = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(6, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    targets = torch.zeros(6, dtype=torch.long)
+    plain = ft([student], [teacher], targets)["ft/stage3"]
+    assert torch.equal(plain, ft([student], [teacher], targets, masks=[torch.ones(6)])["ft/stage3"])
+    expected = ft_loss(ft.translators[0](student), ft.paraphrasers[0].encoder(teacher)).mean()
+    assert torch.allclose(plain, expected)
+    mask = torch.tensor([1.0, 0, 1, 0, 0, 1])
+    masked = ft([student], [teacher], targets, masks=[mask])["ft/stage3"]
+    masked.backward()
+    # Eval mode: in train mode the translator's BatchNorm couples samples through batch statistics (as in [R]).
+    assert torch.all(student.grad[mask == 0] == 0) and torch.all(student.grad[mask == 1].abs().sum((1, 2, 3)) > 0)
+    assert teacher.grad is None
+    assert all(p.grad is None for p in ft.pretrain_parameters())
+    assert all(p.grad is not None for p in ft.trainable_parameters())
+    zero = ft([student], [teacher], targets, masks=[torch.zeros(6)])["ft/stage3"]
+    assert zero.item() == 0.0
+
+
+def test_ft_state_dict_round_trip():
+    first = FT(["stage3"], [(3, 4, 4)], [(4, 4, 4)])
+    second = FT(["stage3"], [(3, 4, 4)], [(4, 4, 4)])
+    second.load_state_dict(first.state_dict())
+    first.eval(), second.eval()
+    student, teacher = torch.randn(4, 3, 4, 4), torch.randn(4, 4, 4, 4)
+    targets = torch.zeros(4, dtype=torch.long)
+    assert torch.equal(first([student], [teacher], targets)["ft/stage3"],
+                       second([student], [teacher], targets)["ft/stage3"])
+    assert torch.equal(first.pretrain_loss([teacher]), second.pretrain_loss([teacher]))
+
+
+@pytest.mark.parametrize("teacher_name,student_name", list(HEAD_SIZES))
+def test_ft_on_zoo_pairs_with_reference_head_sizes(teacher_name, student_name):
+    (student, fs), (teacher, ft) = zoo_model(student_name), zoo_model(teacher_name)
+    distiller, student_spots, teacher_spots = D.create("ft", student, teacher, (3, 32, 32))
+    assert distiller.defaults == D.DistillerDefaults(ce_weight=1.0, method_weight=200.0, spots=(-3,))
+    assert student_spots == [student.num_stages - 3] and teacher_spots == [teacher.num_stages - 3]
+    sizes = tuple(sum(p.numel() for p in part.parameters()) for part in (distiller.paraphrasers, distiller.translators))
+    assert sizes == HEAD_SIZES[(teacher_name, student_name)]
+    s_feat, t_feat = fs[student_spots[0]], ft[teacher_spots[0]]
+    out = distiller([s_feat], [t_feat], torch.zeros(4, dtype=torch.long))
+    assert list(out) == [f"ft/stage{student_spots[0]}"] and torch.isfinite(out[next(iter(out))])
