@@ -48,18 +48,21 @@ def test_training_on_digits_learns(tmp_path):
 
 def _all_state(trainer):
     state = dict(trainer.student.model.state_dict())
+    state.update({f"distiller.{k}": v for k, v in trainer.strategy.state_dict()["distiller"].items()})
     for name, opt in trainer.optimizers.items():
         for i, buf in enumerate(opt.state_dict()["state"].values()):
             state[f"{name}.momentum{i}"] = buf["momentum_buffer"]
     return state
 
 
-@pytest.mark.parametrize("task", ["train", "distill"])
-def test_resume_equals_uninterrupted(tmp_path, task):
+@pytest.mark.parametrize("task, method", [("train", None), ("distill", "kd"), ("distill", "crd"),
+                                          ("distill", "vid")])
+def test_resume_equals_uninterrupted(tmp_path, task, method):
     extra = ["model.name=resnet8", "optim.milestones=[1]"]
     if task == "distill":
         extra += ["task=distill", "teacher.name=resnet14", f"teacher.weights={teacher_file(tmp_path)}",
-                  "distill.kl_weight=0.5"]
+                  "distill.kl_weight=0.5", f"method={method}", "distill.args={}" if method != "crd"
+                  else "distill.args.num_negatives=32"]
     straight = Trainer(config(tmp_path, "optim.epochs=2", *extra, name="straight"))
     straight.fit()
     first = Trainer(config(tmp_path, "optim.epochs=1", *extra, name="split"))
