@@ -24,6 +24,7 @@ def train_one_epoch(
     epoch: int,
     log_interval: int = 50,
     progress: bool = True,
+    first_step: int = 0,
 ) -> dict[str, float]:
     """Run every batch through `strategy.training_step`; return per-sample means of every term."""
     strategy.train(True)
@@ -32,7 +33,7 @@ def train_one_epoch(
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
     for step, (images, targets, indices) in enumerate(bar, 1):
-        out = strategy.training_step(images, targets, indices, epoch)
+        out = strategy.training_step(images, targets, indices, epoch, first_step + step - 1)
         batch = targets.shape[0]
         for name, value in out.items():
             weighted = value if name == "correct" else value * batch

@@ -44,14 +44,25 @@ class MultiStepSchedule:
 
 
 def build_optimizers(
-    groups: dict[str, list[nn.Parameter]], config: OptimConfig, lr: float
+    groups: dict[str, Any], config: OptimConfig, lr: float
 ) -> dict[str, torch.optim.Optimizer]:
-    """One SGD per parameter group of the strategy (weight decay on every parameter, as the papers do)."""
+    """One SGD per parameter group a strategy declares (weight decay on every parameter, as the papers do).
+
+    A group is a list of parameters, or a dict {"params": [...], "lr_scale": s, "weight_decay": wd} for an
+    optimiser with its own settings (SAKD's agent: half the lr, weight decay 1e-3). `lr_scale` follows the schedule.
+    """
     optimizers = {}
-    for name, params in groups.items():
+    for name, group in groups.items():
+        spec = group if isinstance(group, dict) else {"params": group}
+        params = list(spec["params"])
         if not params:
             raise ValueError(f"parameter group {name!r} is empty: nothing would be trained")
-        optimizers[name] = torch.optim.SGD(
-            params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
+        scale = float(spec.get("lr_scale", 1.0))
+        optimizer = torch.optim.SGD(
+            params, lr=lr * scale, momentum=config.momentum, nesterov=config.nesterov,
+            weight_decay=float(spec.get("weight_decay", config.weight_decay)),
         )
+        for param_group in optimizer.param_groups:
+            param_group["lr_scale"] = scale
+        optimizers[name] = optimizer
     return optimizers

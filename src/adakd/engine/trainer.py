@@ -158,12 +158,12 @@ class Trainer:
         self.optimizers = build_optimizers(self.strategy.param_groups(), config.optim, self.lr)
         self.schedule = MultiStepSchedule(config.optim, self.optimizers, self.lr)
         self.precision = Precision(device, config.amp)
-        self.strategy.attach(self.optimizers, self.precision)
         loader_args = dict(device=device, seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
                            num_workers=config.data.num_workers)
         self.train_loader = datasets.make_loader(self.train_set, self.batch, train=True, **loader_args)
         self.test_loader = datasets.make_loader(
             self.test_set, max(1, config.data.test_batch_size // self.dist.world_size), train=False, **loader_args)
+        self.strategy.attach(self.optimizers, self.precision, total_steps=config.optim.epochs * len(self.train_loader))
         self.run = RunDir(run_path, enabled=self.dist.is_main)
         self.run.use_tensorboard = config.log.tensorboard
         self.epoch, self.step, self.best = 0, 0, {"acc1": -1.0, "epoch": 0}
@@ -238,7 +238,11 @@ class Trainer:
                 lr = self.schedule.start_epoch(epoch)
                 self.train_loader.set_epoch(epoch)
                 row: dict[str, Any] = {"epoch": epoch, "lr": lr}
-                row.update(train_one_epoch(self.strategy, self.train_loader, epoch, cfg.log.interval, progress))
+                for name, optimizer in self.optimizers.items():
+                    if name != "main":
+                        row[f"lr/{name}"] = optimizer.param_groups[0]["lr"]
+                row.update(train_one_epoch(self.strategy, self.train_loader, epoch, cfg.log.interval, progress,
+                                           first_step=self.step))
                 self.step += len(self.train_loader)
                 test = evaluate(self.student.model, self.test_loader, self.precision)
                 row.update({f"test/{k}": v for k, v in test.items()})

@@ -77,18 +77,24 @@ class Strategy:
         self.teacher_spots = list(teacher_spots or self.student_spots)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.precision = Precision(torch.device("cpu"), enabled=False)
+        self.total_steps = 1
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters per optimiser: the student and the distiller's parts share one."""
+    def param_groups(self) -> dict[str, Any]:
+        """Trainable parameters per optimiser: the student and the distiller's parts share "main".
+
+        A value is a list of parameters or {"params": [...], "lr_scale": s, "weight_decay": wd}.
+        """
         params = [p for p in self.student.parameters() if p.requires_grad]
         if self.distiller is not None:
             params += [p for p in self.distiller.trainable_parameters() if p.requires_grad]
         return {"main": params}
 
-    def attach(self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision) -> None:
-        """Receive the optimisers built from `param_groups()` and the precision policy."""
+    def attach(self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision,
+               total_steps: int = 1) -> None:
+        """Receive the optimisers built from `param_groups()`, the precision policy and the run's length in steps."""
         self.optimizers = optimizers
         self.precision = precision
+        self.total_steps = total_steps
 
     def train(self, mode: bool = True) -> None:
         """Set train/eval mode of the trainable parts; the teacher stays in eval."""
@@ -120,6 +126,10 @@ class Strategy:
         source = output.preacts if preact else output.features
         return [source[k] for k in spots]
 
-    def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int) -> dict[str, Tensor]:
-        """One optimisation step; returns detached on-device scalars (loss terms, 'correct')."""
+    def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
+                      step: int = 0) -> dict[str, Tensor]:
+        """One optimisation step (`step` is the 0-based global step); returns detached on-device scalars.
+
+        Every value is a per-batch mean (the engine averages them weighted by batch size) except 'correct', a count.
+        """
         raise NotImplementedError

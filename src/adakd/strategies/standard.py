@@ -17,7 +17,8 @@ class Standard(Strategy):
     With no teacher this trains a model alone (task=train, e.g. a teacher from scratch).
     """
 
-    def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int) -> dict[str, Tensor]:
+    def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
+                      step: int = 0) -> dict[str, Tensor]:
         """Forward student and teacher, weight the terms, one backward and one SGD step."""
         student_preact = bool(getattr(self.distiller, "student_preact", False))
         teacher_preact = bool(getattr(self.distiller, "teacher_preact", False))
