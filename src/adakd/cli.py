@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, default=3, help="seeds per run (the table shows mean ± std)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
     sub.add_parser("presets", help="list the shipped presets")
+    pl = sub.add_parser("plot", help="draw a run's curves (losses, accuracy, SAKD spot shares) as PNG files")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", default=None, help="folder for the PNG files (default RUN_DIR/plots)")
     return parser
 
 
@@ -155,6 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _models(args)
         if args.command == "presets":
             return _presets(args)
+        if args.command == "plot":
+            from adakd.engine.plots import plot_run
+
+            for path in plot_run(args.run_dir, args.out):
+                print(path)
+            return 0
         if args.command == "demo":
             from adakd.demo import run_demo
 
@@ -162,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("--seeds must be >= 1")
             print(run_demo(args.out, list(args.overrides), seeds=args.seeds))
             return 0
-    except (ConfigError, DatasetError, CheckpointError, RunDirError, UnknownNameError) as err:
+    except (ConfigError, DatasetError, CheckpointError, RunDirError, UnknownNameError, FileNotFoundError) as err:
         print(f"adakd: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

@@ -195,6 +195,9 @@ def test_short_distillation_run_learns(name, digits_teacher, tmp_path):
     method_columns = [c for c in rows[0] if c.startswith(f"train/{name}/")]
     assert method_columns, rows[0].keys()
     assert all(math.isfinite(float(rows[-1][c])) for c in method_columns)
+    if name == "ft":  # the engine ran the distiller's own pre-training stage
+        pretrain = list(csv.DictReader(open(tmp_path / "s" / "pretrain.csv")))
+        assert len(pretrain) == 1 and math.isfinite(float(pretrain[0]["loss"]))
     if name in NON_STATIONARY:
         assert float(rows[-1]["test/acc1"]) > float(rows[0]["test/acc1"])
         return

@@ -179,3 +179,12 @@ def test_amp_is_a_no_op_on_cpu():
     assert not precision.enabled and not precision.scaler.is_enabled()
     with precision.autocast():
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_cli_plot_writes_figures(tmp_path, capsys):
+    Trainer(config(tmp_path, "optim.epochs=2", "model.name=resnet8")).fit()
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    paths = capsys.readouterr().out.split()
+    assert {p.rsplit("/", 1)[-1] for p in paths} == {"accuracy.png", "losses.png"}
+    assert all((tmp_path / "run" / "plots" / name).stat().st_size > 1000 for name in ("accuracy.png", "losses.png"))
+    assert main(["plot", str(tmp_path / "missing")]) == 2
