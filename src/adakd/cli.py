@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, default=3, help="seeds per run (the table shows mean ± std)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
     sub.add_parser("presets", help="list the shipped presets")
+    de = sub.add_parser("decisions", help="training samples a trained SAKD policy does not distill at a spot")
+    de.add_argument("run_dir")
+    de.add_argument("--spot", default="0", help="decision index (0 = first spot) or spot name (e.g. stage2, logits)")
     pl = sub.add_parser("plot", help="draw a run's curves (losses, accuracy, SAKD spot shares) as PNG files")
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None, help="folder for the PNG files (default RUN_DIR/plots)")
@@ -158,6 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _models(args)
         if args.command == "presets":
             return _presets(args)
+        if args.command == "decisions":
+            from adakd.engine.decisions import export_decisions
+
+            path, skipped, spot = export_decisions(args.run_dir, args.spot)
+            print(f"{len(skipped)} training samples are not distilled at {spot}; every decision is in {path}")
+            print(" ".join(map(str, skipped)))
+            return 0
         if args.command == "plot":
             from adakd.engine.plots import plot_run
 

@@ -2,25 +2,13 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import pytest
 import torch
 
 import adakd.distillers as D
-import adakd.models as M
 from adakd.distillers.at import AT, at_loss, attention_map
-
-PAIRS = [("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV1"),
-         ("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2")]
-
-
-@lru_cache(maxsize=None)
-def zoo_model(name: str):
-    torch.manual_seed(0)
-    net = M.staged(M.create(name)).eval()
-    with torch.no_grad():
-        return net, net(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))).features
+from distiller_checks import PAIRS, check_gradient, check_two_spatial_spots, check_zoo_stage_terms
 
 
 def energy_map(sample):
@@ -62,38 +50,14 @@ def test_at_batch_mean_equals_the_crd_benchmark_mean():
 
 
 def test_at_gradient_matches_finite_differences():
-    student = torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
-    teacher = torch.randn(3, 3, 2, 2, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda s: at_loss(s, teacher), (student,))
+    check_gradient(at_loss, (3, 2, 4, 4), (3, 3, 2, 2))
 
 
 def test_at_module_masks_and_teacher():
-    at = AT(["stage1", "stage2"], [(2, 4, 4), (3, 2, 2)], [(4, 4, 4), (6, 2, 2)])
-    student = [torch.randn(6, 2, 4, 4, requires_grad=True), torch.randn(6, 3, 2, 2, requires_grad=True)]
-    teacher = [torch.randn(6, 4, 4, 4, requires_grad=True), torch.randn(6, 6, 2, 2, requires_grad=True)]
-    targets = torch.zeros(6, dtype=torch.long)
-    plain = at(student, teacher, targets)
-    assert list(plain) == ["at/stage1", "at/stage2"]
-    ones = at(student, teacher, targets, masks=[torch.ones(6), None])
-    assert all(torch.equal(plain[k], ones[k]) for k in plain)
-    masks = [torch.tensor([1.0, 0, 1, 0, 0, 1]), torch.tensor([0.0, 1, 1, 1, 0, 0])]
-    masked = at(student, teacher, targets, masks=masks)
-    assert torch.allclose(masked["at/stage2"], (at_loss(student[1], teacher[1]) * masks[1]).sum() / 6)
-    sum(masked.values()).backward()
-    for feat, mask in zip(student, masks):
-        assert torch.all(feat.grad[mask == 0] == 0) and torch.all(feat.grad[mask == 1].abs().sum((1, 2, 3)) > 0)
-    assert all(t.grad is None for t in teacher)
-    assert not at.state_dict()
-    with pytest.raises(ValueError, match="spatial maps"):
-        AT(["pooled"], [(8,)], [(8,)])
+    check_two_spatial_spots(AT, at_loss, ones_masks=[torch.ones(6), None], checked=1)
 
 
 @pytest.mark.parametrize("teacher_name,student_name", PAIRS)
 def test_at_on_zoo_pairs(teacher_name, student_name):
-    (student, fs), (teacher, ft) = zoo_model(student_name), zoo_model(teacher_name)
-    distiller, student_spots, teacher_spots = D.create("at", student, teacher, (3, 32, 32))
-    assert distiller.defaults == D.DistillerDefaults(ce_weight=1.0, method_weight=1000.0, spots=("stages",))
-    assert student_spots == teacher_spots == list(range(1, student.num_stages - 2))
-    out = distiller([fs[k] for k in student_spots], [ft[k] for k in teacher_spots], torch.zeros(4, dtype=torch.long))
-    assert list(out) == [f"at/stage{k}" for k in student_spots]
-    assert all(torch.isfinite(v) and v > 0 for v in out.values())
+    defaults = D.DistillerDefaults(ce_weight=1.0, method_weight=1000.0, spots=("stages",))
+    check_zoo_stage_terms("at", teacher_name, student_name, defaults)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import math
-from functools import lru_cache
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import adakd.distillers as D
 import adakd.models as M
 from adakd.engine.config import resolve
 from adakd.engine.trainer import Trainer
+from distiller_checks import staged_model
 
 # Small internal settings so that the generic checks stay fast (the defaults are tested per method).
 SMALL_ARGS = {"crd": {"num_negatives": 16}}
@@ -29,10 +29,9 @@ def context(num_classes: int = 10) -> D.DistillContext:
                             train_targets=torch.arange(NUM_DATA) % num_classes)
 
 
-@lru_cache(maxsize=None)
 def staged(name: str, num_classes: int = 10) -> M.StagedModel:
-    torch.manual_seed(0)
-    return M.staged(M.create(name, num_classes=num_classes)).eval()
+    """The shared seed-0, eval-mode staged model (built once per session for the whole folder)."""
+    return staged_model(name, num_classes)
 
 
 def features(name: str, distiller, spots, x, preact: bool, grad: bool):
@@ -55,6 +54,15 @@ def batch(size=16):
             torch.arange(BATCH))
 
 
+def prepared(name: str, student_grad: bool, teacher_grad: bool):
+    """`build(name)` with the batch and the spot features of resnet8 (student) and resnet8x4 (teacher) on it."""
+    distiller, s_spots, t_spots = build(name)
+    x, y, idx = batch()
+    s = features("resnet8", distiller, s_spots, x, distiller.student_preact, student_grad)
+    t = features("resnet8x4", distiller, t_spots, x, distiller.teacher_preact, teacher_grad)
+    return distiller, s, t, y, idx
+
+
 def run(distiller, s_feats, t_feats, targets, indices, masks=None, epoch=30):
     return distiller(s_feats, t_feats, targets, masks=masks, indices=indices, epoch=epoch)
 
@@ -68,11 +76,8 @@ def test_all_thirteen_methods_are_registered():
 
 @pytest.mark.parametrize("name", ALL)
 def test_all_ones_mask_equals_no_mask(name):
-    distiller, s_spots, t_spots = build(name)
+    distiller, s, t, y, idx = prepared(name, student_grad=False, teacher_grad=False)
     distiller.eval()
-    x, y, idx = batch()
-    s = features("resnet8", distiller, s_spots, x, distiller.student_preact, False)
-    t = features("resnet8x4", distiller, t_spots, x, distiller.teacher_preact, False)
     state = {k: v.clone() for k, v in distiller.state_dict().items()}
     torch.manual_seed(7)  # CRD draws its negatives from the torch RNG
     plain = run(distiller, s, t, y, idx)
@@ -89,11 +94,8 @@ def test_all_ones_mask_equals_no_mask(name):
 def test_masked_out_samples_get_zero_gradient(name):
     # Eval mode: a BatchNorm in a trainable head (FitNets' ConvReg) mixes samples through batch statistics in
     # train mode, which is the reference design; the loss itself never reads a masked-out sample.
-    distiller, s_spots, t_spots = build(name)
+    distiller, s, t, y, idx = prepared(name, student_grad=True, teacher_grad=True)
     distiller.eval()
-    x, y, idx = batch()
-    s = features("resnet8", distiller, s_spots, x, distiller.student_preact, True)
-    t = features("resnet8x4", distiller, t_spots, x, distiller.teacher_preact, True)
     mask = torch.tensor([1.0, 0, 1, 1, 0, 1])
     terms = run(distiller, s, t, y, idx, masks=[mask for _ in s])
     torch.stack(list(terms.values())).sum().backward()
@@ -108,10 +110,7 @@ def test_masked_out_samples_get_zero_gradient(name):
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("selected", [0, 1])
 def test_degenerate_selections_are_finite(name, selected):
-    distiller, s_spots, t_spots = build(name)
-    x, y, idx = batch()
-    s = features("resnet8", distiller, s_spots, x, distiller.student_preact, True)
-    t = features("resnet8x4", distiller, t_spots, x, distiller.teacher_preact, False)
+    distiller, s, t, y, idx = prepared(name, student_grad=True, teacher_grad=False)
     mask = torch.zeros(BATCH)
     mask[:selected] = 1
     terms = run(distiller, s, t, y, idx, masks=[mask for _ in s])

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import pytest
 import torch
 
 import adakd.distillers as D
-import adakd.models as M
 from adakd.distillers.base import DistillContext
 from adakd.distillers.crd import CRD, CRDConfig, crd_nce_loss, momentum_update
+from distiller_checks import zoo_model
 
 # Eight samples in three classes of unequal size (3, 3, 2), as in the hand cases below.
 TINY_TARGETS = torch.tensor([0, 1, 2, 0, 1, 0, 2, 1])
@@ -237,22 +236,15 @@ PAIRS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
-def zoo_model(name: str):
-    """A staged zoo model and its outputs on one fixed batch of 4 (CPU time is scarce)."""
-    model = M.frozen(M.create(name))
-    return model, model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
-
-
 @pytest.mark.parametrize("teacher_name,student_name,embed_params", PAIRS)
 def test_zoo_pairs_build_the_documented_heads_and_run(teacher_name, student_name, embed_params):
-    (student, student_out), (teacher, teacher_out) = zoo_model(student_name), zoo_model(teacher_name)
+    (student, student_feats), (teacher, teacher_feats) = zoo_model(student_name), zoo_model(teacher_name)
     context = DistillContext(100, torch.arange(500) % 100)
     crd, student_spots, teacher_spots = D.create("crd", student, teacher, (3, 32, 32), context=context)
     assert sum(p.numel() for p in crd.parameters()) == embed_params
     assert crd.memory_student.shape == crd.memory_teacher.shape == (500, 128)
-    student_feats = [student_out.features[k].clone().requires_grad_() for k in student_spots]
-    teacher_feats = [teacher_out.features[k] for k in teacher_spots]
+    student_feats = [student_feats[k].clone().requires_grad_() for k in student_spots]
+    teacher_feats = [teacher_feats[k] for k in teacher_spots]
     indices = torch.tensor([3, 10, 200, 499])
     out = crd(student_feats, teacher_feats, context.train_targets[indices], indices=indices)
     assert list(out) == ["crd/pooled"] and torch.isfinite(out["crd/pooled"])

@@ -1,30 +1,21 @@
 """FitNets: the hint loss by hand, the ConvReg geometry, masks, gradients, zoo pairs and head sizes."""
 from __future__ import annotations
 
-from functools import lru_cache
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import adakd.distillers as D
-import adakd.models as M
 from adakd.distillers.connectors import ConvReg
 from adakd.distillers.fitnets import FitNets, fitnets_loss
+from distiller_checks import (assert_gradients_follow_mask, check_all_ones_mask, check_gradient,
+                              check_state_dict_round_trip, one_spot, zoo_pair)
 
 # FitNet ConvReg sizes of reference/model-zoo.md §6 (teacher, student) -> parameters.
 HEAD_SIZES = {("wrn_40_2", "wrn_16_2"): 4_288, ("resnet32x4", "resnet8x4"): 16_768, ("vgg13", "vgg8"): 66_304,
               ("vgg13", "MobileNetV2"): 4_864, ("ResNet50", "MobileNetV2"): 132_608,
               ("resnet32x4", "ShuffleV1"): 983_424}
-
-
-@lru_cache(maxsize=None)
-def zoo_model(name: str):
-    torch.manual_seed(0)
-    net = M.staged(M.create(name)).eval()
-    with torch.no_grad():
-        return net, net(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))).features
 
 
 def test_fitnets_loss_by_hand_and_equal_to_mse_mean():
@@ -37,9 +28,7 @@ def test_fitnets_loss_by_hand_and_equal_to_mse_mean():
 
 
 def test_fitnets_gradient_matches_finite_differences():
-    regressed = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
-    teacher = torch.randn(3, 2, 2, 2, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda r: fitnets_loss(r, teacher), (regressed,))
+    check_gradient(fitnets_loss, (3, 2, 2, 2), (3, 2, 2, 2))
 
 
 @pytest.mark.parametrize("in_shape,out_shape,kind,kernel", [
@@ -71,15 +60,12 @@ def test_fitnets_module_masks_gradients_and_teacher():
     fitnets = FitNets(["stage2"], [(3, 4, 4)], [(5, 2, 2)]).double().eval()
     student = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(6, 5, 2, 2, dtype=torch.float64, requires_grad=True)
-    targets = torch.zeros(6, dtype=torch.long)
-    plain = fitnets([student], [teacher], targets)["fitnets/stage2"]
-    assert torch.equal(plain, fitnets([student], [teacher], targets, masks=[torch.ones(6)])["fitnets/stage2"])
+    plain = check_all_ones_mask(fitnets, "fitnets/stage2", student, teacher)
     assert torch.allclose(plain, F.mse_loss(fitnets.regressors[0](student), teacher))
     mask = torch.tensor([1.0, 0, 1, 0, 0, 1])
-    masked = fitnets([student], [teacher], targets, masks=[mask])["fitnets/stage2"]
-    masked.backward()
+    one_spot(fitnets, "fitnets/stage2", student, teacher, masks=[mask]).backward()
     # Eval mode: in train mode the regressor's BatchNorm couples samples through batch statistics (as in [R]).
-    assert torch.all(student.grad[mask == 0] == 0) and torch.all(student.grad[mask == 1].abs().sum((1, 2, 3)) > 0)
+    assert_gradients_follow_mask(student, mask)
     assert teacher.grad is None
     assert all(p.grad is not None for p in fitnets.trainable_parameters())
 
@@ -88,20 +74,13 @@ def test_fitnets_state_dict_round_trip():
     first = FitNets(["stage2"], [(3, 4, 4)], [(5, 4, 4)])
     first([torch.randn(8, 3, 4, 4)], [torch.randn(8, 5, 4, 4)], torch.zeros(8, dtype=torch.long))  # BN stats move
     second = FitNets(["stage2"], [(3, 4, 4)], [(5, 4, 4)])
-    second.load_state_dict(first.state_dict())
-    first.eval(), second.eval()
-    student, teacher = torch.randn(4, 3, 4, 4), torch.randn(4, 5, 4, 4)
-    targets = torch.zeros(4, dtype=torch.long)
-    assert torch.equal(first([student], [teacher], targets)["fitnets/stage2"],
-                       second([student], [teacher], targets)["fitnets/stage2"])
+    check_state_dict_round_trip(first, second, "fitnets/stage2", (3, 4, 4), (5, 4, 4))
 
 
 @pytest.mark.parametrize("teacher_name,student_name", list(HEAD_SIZES))
 def test_fitnets_on_zoo_pairs_with_reference_head_sizes(teacher_name, student_name):
-    (student, fs), (teacher, ft) = zoo_model(student_name), zoo_model(teacher_name)
-    distiller, student_spots, teacher_spots = D.create("fitnets", student, teacher, (3, 32, 32))
-    assert distiller.defaults == D.DistillerDefaults(ce_weight=1.0, method_weight=100.0, spots=(2,))
-    assert student_spots == teacher_spots == [2]
-    assert sum(p.numel() for p in distiller.parameters()) == HEAD_SIZES[(teacher_name, student_name)]
-    out = distiller([fs[2]], [ft[2]], torch.zeros(4, dtype=torch.long))
-    assert list(out) == ["fitnets/stage2"] and torch.isfinite(out["fitnets/stage2"])
+    pair = zoo_pair("fitnets", teacher_name, student_name)
+    assert pair.distiller.defaults == D.DistillerDefaults(ce_weight=1.0, method_weight=100.0, spots=(2,))
+    assert pair.student_spots == pair.teacher_spots == [2]
+    assert sum(p.numel() for p in pair.distiller.parameters()) == HEAD_SIZES[(teacher_name, student_name)]
+    assert list(pair.out) == ["fitnets/stage2"] and torch.isfinite(pair.out["fitnets/stage2"])

@@ -2,29 +2,21 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import pytest
 import torch
 from torch import nn
 
 import adakd.distillers as D
-import adakd.models as M
 from adakd.distillers.ft import FT, FTConfig, ft_loss
+from distiller_checks import (assert_gradients_follow_mask, check_all_ones_mask, check_gradient,
+                              check_state_dict_round_trip, one_spot, zoo_pair)
 
 # FT paraphraser / translator sizes of reference/model-zoo.md §6 (teacher, student) -> parameters.
 HEAD_SIZES = {("wrn_40_2", "wrn_16_2"): (516_672, 258_816), ("resnet32x4", "resnet8x4"): (2_065_536, 1_033_728),
               ("vgg13", "vgg8"): (8_259_840, 4_131_840), ("vgg13", "MobileNetV2"): (8_259_840, 1_190_880),
               ("ResNet50", "MobileNetV2"): (132_129_792, 11_148_768),
               ("resnet32x4", "ShuffleV1"): (2_065_536, 9_551_424)}
-
-
-@lru_cache(maxsize=None)
-def zoo_model(name: str):
-    torch.manual_seed(0)
-    net = M.staged(M.create(name)).eval()
-    with torch.no_grad():
-        return net, net(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))).features
 
 
 def test_ft_loss_by_hand_with_pooling():
@@ -45,9 +37,7 @@ def test_ft_loss_by_hand_with_pooling():
 
 
 def test_ft_gradient_matches_finite_differences():
-    student = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
-    teacher = torch.randn(3, 3, 2, 2, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda s: ft_loss(s, teacher), (student,))
+    check_gradient(ft_loss, (3, 2, 2, 2), (3, 3, 2, 2))
 
 
 def layer_kinds(module):
@@ -95,43 +85,32 @@ def test_ft_module_masks_frozen_paraphraser_and_teacher():
     ft = FT(["stage3"], [(3, 4, 4)], [(4, 2, 2)]).double().eval()
     student = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(6, 4, 2, 2, dtype=torch.float64, requires_grad=True)
-    targets = torch.zeros(6, dtype=torch.long)
-    plain = ft([student], [teacher], targets)["ft/stage3"]
-    assert torch.equal(plain, ft([student], [teacher], targets, masks=[torch.ones(6)])["ft/stage3"])
+    plain = check_all_ones_mask(ft, "ft/stage3", student, teacher)
     expected = ft_loss(ft.translators[0](student), ft.paraphrasers[0].encoder(teacher)).mean()
     assert torch.allclose(plain, expected)
     mask = torch.tensor([1.0, 0, 1, 0, 0, 1])
-    masked = ft([student], [teacher], targets, masks=[mask])["ft/stage3"]
-    masked.backward()
+    one_spot(ft, "ft/stage3", student, teacher, masks=[mask]).backward()
     # Eval mode: in train mode the translator's BatchNorm couples samples through batch statistics (as in [R]).
-    assert torch.all(student.grad[mask == 0] == 0) and torch.all(student.grad[mask == 1].abs().sum((1, 2, 3)) > 0)
+    assert_gradients_follow_mask(student, mask)
     assert teacher.grad is None
     assert all(p.grad is None for p in ft.pretrain_parameters())
     assert all(p.grad is not None for p in ft.trainable_parameters())
-    zero = ft([student], [teacher], targets, masks=[torch.zeros(6)])["ft/stage3"]
-    assert zero.item() == 0.0
+    assert one_spot(ft, "ft/stage3", student, teacher, masks=[torch.zeros(6)]).item() == 0.0
 
 
 def test_ft_state_dict_round_trip():
     first = FT(["stage3"], [(3, 4, 4)], [(4, 4, 4)])
     second = FT(["stage3"], [(3, 4, 4)], [(4, 4, 4)])
-    second.load_state_dict(first.state_dict())
-    first.eval(), second.eval()
-    student, teacher = torch.randn(4, 3, 4, 4), torch.randn(4, 4, 4, 4)
-    targets = torch.zeros(4, dtype=torch.long)
-    assert torch.equal(first([student], [teacher], targets)["ft/stage3"],
-                       second([student], [teacher], targets)["ft/stage3"])
+    _, teacher = check_state_dict_round_trip(first, second, "ft/stage3", (3, 4, 4), (4, 4, 4))
     assert torch.equal(first.pretrain_loss([teacher]), second.pretrain_loss([teacher]))
 
 
 @pytest.mark.parametrize("teacher_name,student_name", list(HEAD_SIZES))
 def test_ft_on_zoo_pairs_with_reference_head_sizes(teacher_name, student_name):
-    (student, fs), (teacher, ft) = zoo_model(student_name), zoo_model(teacher_name)
-    distiller, student_spots, teacher_spots = D.create("ft", student, teacher, (3, 32, 32))
+    pair = zoo_pair("ft", teacher_name, student_name)
+    distiller, student_spots = pair.distiller, pair.student_spots
     assert distiller.defaults == D.DistillerDefaults(ce_weight=1.0, method_weight=200.0, spots=(-3,))
-    assert student_spots == [student.num_stages - 3] and teacher_spots == [teacher.num_stages - 3]
+    assert student_spots == [pair.student.num_stages - 3] and pair.teacher_spots == [pair.teacher.num_stages - 3]
     sizes = tuple(sum(p.numel() for p in part.parameters()) for part in (distiller.paraphrasers, distiller.translators))
     assert sizes == HEAD_SIZES[(teacher_name, student_name)]
-    s_feat, t_feat = fs[student_spots[0]], ft[teacher_spots[0]]
-    out = distiller([s_feat], [t_feat], torch.zeros(4, dtype=torch.long))
-    assert list(out) == [f"ft/stage{student_spots[0]}"] and torch.isfinite(out[next(iter(out))])
+    assert list(pair.out) == [f"ft/stage{student_spots[0]}"] and torch.isfinite(pair.out[next(iter(pair.out))])

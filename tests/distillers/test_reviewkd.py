@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import adakd.distillers as D
-import adakd.models as M
 from adakd.distillers.reviewkd import ReviewKD, ReviewKDConfig, hcl_loss, warmup_factor
+from distiller_checks import PAIRS, check_gradient, staged_model, zoo_outputs
 
 
 def mse(a, b):
@@ -53,9 +52,7 @@ def test_hcl_on_a_one_by_one_map_is_plain_mse_and_its_batch_mean_is_mdistillers(
 
 
 def test_hcl_gradient_matches_finite_differences():
-    student = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
-    teacher = torch.randn(2, 2, 4, 4, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda s: hcl_loss(s, teacher), (student,))
+    check_gradient(hcl_loss, (2, 2, 4, 4), (2, 2, 4, 4))
 
 
 def test_warmup_ramp():
@@ -167,24 +164,14 @@ def abf_params(c_in, mid, c_out, fuse):
     return c_in * mid + 2 * mid + mid * c_out * 9 + 2 * c_out + (2 * mid * 2 + 2 if fuse else 0)
 
 
-PAIRS = [
-    ("resnet32x4", "resnet8x4"),
-    ("vgg13", "vgg8"),
-    ("wrn_40_2", "wrn_16_2"),
-    ("resnet32x4", "ShuffleV1"),
-    ("vgg13", "MobileNetV2"),
-    ("ResNet50", "MobileNetV2"),
-]
 # mdistiller's shipped CIFAR config (channels [64, 128, 256, 256] on both sides, mid 256) gives 1,808,774.
 MDISTILLER_HEAD_SIZES = {("resnet32x4", "resnet8x4"): 1_808_774}
 
 
-@functools.lru_cache(maxsize=None)
 def zoo_model(name: str):
-    """A staged zoo model, its measured shapes and its outputs on one fixed batch of 4 (CPU time is scarce)."""
-    model = M.frozen(M.create(name))
-    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return model, model.feature_shapes(), model(images, preact=True)
+    """A shared staged zoo model, its measured shapes and its outputs (with pre-activations) on the fixed batch."""
+    model = staged_model(name)
+    return model, model.feature_shapes(), zoo_outputs(name, preact=True)
 
 
 @pytest.mark.parametrize("teacher_name,student_name", PAIRS)

@@ -1,28 +1,16 @@
 """RKD: distance and angle terms by hand, the zero-distance guard, sub-batch masking, real zoo pairs."""
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 
 import pytest
 import torch
 
-import adakd.distillers as D
-import adakd.models as M
 from adakd.distillers.rkd import RKD, RKDConfig, rkd_loss
+from distiller_checks import (PAIRS, check_float32_under_autocast, check_gradient, check_relational_masking,
+                              check_zoo_parameter_free_term)
 
-PAIRS = [("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV1"),
-         ("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2")]
-
-
-@functools.lru_cache(maxsize=None)
-def zoo_model(name):
-    """A staged zoo model and its features on a fixed batch of 4, built once per test file."""
-    model = M.staged(M.create(name))
-    with torch.no_grad():
-        features = model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))).features
-    return model, features
 
 
 def smooth_l1(a, b):
@@ -66,9 +54,7 @@ def test_rkd_by_hand_on_three_points():
 
 
 def test_rkd_gradient_matches_finite_differences():
-    student = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    teacher = torch.randn(4, 3, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda s: rkd_loss(s, teacher), (student,))
+    check_gradient(rkd_loss, (4, 5), (4, 3))
 
 
 def test_rkd_single_sample_batch_gives_a_finite_zero():
@@ -79,40 +65,15 @@ def test_rkd_single_sample_batch_gives_a_finite_zero():
 
 
 def test_rkd_stays_in_float32_under_autocast():
-    student, teacher = torch.randn(5, 16), torch.randn(5, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = rkd_loss(student, teacher)
-    assert torch.equal(under_autocast, rkd_loss(student, teacher))
+    check_float32_under_autocast(rkd_loss, (5, 16), (5, 8))
+
 
 def test_rkd_masks_select_a_sub_batch():
     rkd = RKD(["pooled"], [(5,)], [(3,)], RKDConfig())
-    student = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
-    teacher = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    targets = torch.zeros(6, dtype=torch.long)
-    plain = rkd([student], [teacher], targets)["rkd/pooled"]
-    assert torch.equal(plain, rkd([student], [teacher], targets, masks=[torch.ones(6)])["rkd/pooled"])
-    assert torch.equal(plain, rkd_loss(student, teacher))
-    mask = torch.tensor([1.0, 1, 0, 0, 1, 0])
-    masked = rkd([student], [teacher], targets, masks=[mask])["rkd/pooled"]
-    keep = mask.bool()
-    assert torch.allclose(masked, rkd_loss(student[keep], teacher[keep]) * 3 / 6)
-    masked.backward()
-    assert teacher.grad is None
-    assert torch.all(student.grad[~keep] == 0)
-    for selected in (0, 1):
-        student.grad = None
-        few = torch.zeros(6)
-        few[:selected] = 1
-        zero = rkd([student], [teacher], targets, masks=[few])["rkd/pooled"]
-        zero.backward()
-        assert zero.item() == 0.0 and (student.grad is None or torch.all(student.grad == 0))
+    check_relational_masking(rkd, "rkd/pooled", rkd_loss, (5,), (3,), torch.tensor([1.0, 1, 0, 0, 1, 0]))
 
 
 @pytest.mark.parametrize("teacher_name,student_name", PAIRS)
 def test_rkd_on_zoo_pairs(teacher_name, student_name):
-    (student, fs), (teacher, ft) = zoo_model(student_name), zoo_model(teacher_name)
-    distiller, student_spots, teacher_spots = D.create("rkd", student, teacher, (3, 32, 32))
-    assert distiller.defaults.method_weight == 1.0 and distiller.defaults.spots == (-2,)
-    assert not distiller.state_dict()
-    out = distiller([fs[k] for k in student_spots], [ft[k] for k in teacher_spots], torch.zeros(4, dtype=torch.long))
-    assert list(out) == ["rkd/pooled"] and torch.isfinite(out["rkd/pooled"])
+    pair = check_zoo_parameter_free_term("rkd", teacher_name, student_name, method_weight=1.0, spots=(-2,))
+    assert list(pair.out) == ["rkd/pooled"]

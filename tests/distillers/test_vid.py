@@ -1,32 +1,20 @@
 """VID: the Gaussian likelihood by hand, regressors and variances, masks, real zoo pairs."""
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import adakd.distillers as D
-import adakd.models as M
 from adakd.distillers.vid import VID, VIDConfig, vid_loss
+from distiller_checks import (PAIRS, assert_gradients_follow_mask, assert_zoo_state_dict_round_trip,
+                              check_all_ones_mask, one_spot, zoo_pair)
 
-PAIRS = [("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV1"),
-         ("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2")]
 # reference/model-zoo.md §6: every body stage's regressor plus its log-scale vector, keyed (teacher, student).
 REGRESSOR_PARAMS = {("wrn_40_2", "wrn_16_2"): 64_736, ("resnet32x4", "resnet8x4"): 258_496,
                     ("vgg13", "vgg8"): 1_820_032, ("vgg13", "MobileNetV2"): 1_325_952,
                     ("ResNet50", "MobileNetV2"): 11_533_056, ("resnet32x4", "ShuffleV1"): 495_040}
-
-
-@functools.lru_cache(maxsize=None)
-def zoo_model(name):
-    """A staged zoo model and its features on a fixed batch of 4, built once per test file."""
-    model = M.staged(M.create(name))
-    with torch.no_grad():
-        features = model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))).features
-    return model, features
 
 
 def test_vid_by_hand_on_two_samples_two_channels():
@@ -61,19 +49,17 @@ def test_vid_module_pools_regresses_and_masks():
     assert torch.allclose(variance, torch.full((2,), 5.0, dtype=torch.float64), rtol=1e-6)  # a float32 parameter
     student = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(6, 2, 2, 2, dtype=torch.float64, requires_grad=True)
-    targets = torch.zeros(6, dtype=torch.long)
-    plain = vid([student], [teacher], targets)["vid/stage1"]
-    assert torch.equal(plain, vid([student], [teacher], targets, masks=[torch.ones(6)])["vid/stage1"])
+    plain = check_all_ones_mask(vid, "vid/stage1", student, teacher)
     # The 4x4 student map is averaged over 2x2 cells before the regressor.
     pooled = student.reshape(6, 3, 2, 2, 2, 2).mean(dim=(3, 5))
     per_sample = vid_loss(vid.regressors[0](pooled), teacher, vid.log_scales[0])
     assert torch.allclose(plain, per_sample.mean())
     mask = torch.tensor([1.0, 0, 0, 1, 1, 0])
-    masked = vid([student], [teacher], targets, masks=[mask])["vid/stage1"]
+    masked = one_spot(vid, "vid/stage1", student, teacher, masks=[mask])
     assert torch.allclose(masked, (per_sample * mask).sum() / 6)
     masked.backward()
     assert teacher.grad is None
-    assert torch.all(student.grad[mask == 0] == 0) and torch.all(student.grad[mask == 1].flatten(1).abs().sum(1) > 0)
+    assert_gradients_follow_mask(student, mask)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vid.parameters())
 
 
@@ -84,14 +70,10 @@ def test_vid_rejects_pooled_vectors():
 
 @pytest.mark.parametrize("teacher_name,student_name", PAIRS)
 def test_vid_on_zoo_pairs(teacher_name, student_name):
-    (student, fs), (teacher, ft) = zoo_model(student_name), zoo_model(teacher_name)
-    distiller, student_spots, teacher_spots = D.create("vid", student, teacher, (3, 32, 32))
+    pair = zoo_pair("vid", teacher_name, student_name)
+    distiller, out = pair.distiller, pair.out
     assert distiller.defaults.method_weight == 1.0 and distiller.defaults.spots == ("stages",)
     assert sum(p.numel() for p in distiller.parameters()) == REGRESSOR_PARAMS[(teacher_name, student_name)]
-    inputs = ([fs[k] for k in student_spots], [ft[k] for k in teacher_spots], torch.zeros(4, dtype=torch.long))
-    out = distiller(*inputs)
-    assert list(out) == [f"vid/stage{k}" for k in range(1, student.num_stages - 2)]
+    assert list(out) == [f"vid/stage{k}" for k in range(1, pair.student.num_stages - 2)]
     assert all(torch.isfinite(v) for v in out.values())
-    restored, _, _ = D.create("vid", student, teacher, (3, 32, 32))
-    restored.load_state_dict(distiller.state_dict())
-    assert all(torch.equal(restored(*inputs)[k], v) for k, v in out.items())
+    assert_zoo_state_dict_round_trip("vid", pair)
