@@ -19,7 +19,8 @@ def test_demo_prints_the_three_row_table(tmp_path):
     accuracies = [float(a) for a in re.findall(r"([\d.]+)%", "\n".join(rows))]
     assert len(accuracies) == 6 and all(0 <= a <= 100 for a in accuracies)
     (demo_dir,) = tmp_path.iterdir()
-    assert {p.name for p in demo_dir.iterdir()} == {f"{r}_seed{s}" for r in ("teacher", "student", "student_kd") for s in (0, 1)}
+    expected = {f"{run}_seed{seed}" for run in ("teacher", "student", "student_kd") for seed in (0, 1)}
+    assert {p.name for p in demo_dir.iterdir()} == expected
     assert (demo_dir / "student_kd_seed1" / "last.pth").is_file()
     assert "±" in table
 

@@ -78,10 +78,9 @@ def format_summary(summary: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
 
     from adakd import data, models
-    from adakd.engine.config import from_dict, merge, parse_override, resolve, to_dict
+    from adakd.engine.config import from_dict, merge, parse_override, resolve
     from adakd.engine.checkpoint import load_run_checkpoint
     from adakd.engine.distributed import pick_device
     from adakd.engine.loop import evaluate

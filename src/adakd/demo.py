@@ -47,7 +47,7 @@ def run_demo(out_dir: str | Path = "runs", overrides: Sequence[str] = (), quiet:
         f"{'model':<24}{'params':>9}   {'top-1 last (mean ± std)':>24}   {'top-1 best':>15}",
     ]
     for key, runs in results.items():
-        lines.append(f"{labels[key]:<24}{runs[0]['params']:>9,}   "
-                     f"{_mean_std([r['last_acc1'] for r in runs]):>23}%   {_mean_std([r['best_acc1'] for r in runs]):>14}%")
+        last, best = _mean_std([r["last_acc1"] for r in runs]), _mean_std([r["best_acc1"] for r in runs])
+        lines.append(f"{labels[key]:<24}{runs[0]['params']:>9,}   {last:>23}%   {best:>14}%")
     lines.append(f"runs saved under {root}; 'last' is the number to compare, 'best' is selected on the test split")
     return "\n".join(lines)

@@ -49,8 +49,9 @@ def train_one_epoch(
     bar.close()
     elapsed = time.perf_counter() - start
     names = sorted(sums)
-    totals = all_reduce_sum(torch.stack([sums[n].double() for n in names] + [torch.tensor(float(seen)).to(sums["loss"].device, torch.float64)]))
-    totals = totals.tolist()
+    device = sums["loss"].device
+    stacked = torch.stack([sums[n].double() for n in names] + [torch.tensor(float(seen), device=device).double()])
+    totals = all_reduce_sum(stacked).tolist()
     count = totals[-1]
     result = {("train/acc1" if n == "correct" else f"train/{n}"): (100 * v if n == "correct" else v) / count
               for n, v in zip(names, totals)}

@@ -1,7 +1,6 @@
 """The optional pre-training stage a distiller may declare (FT's paraphraser), run before distillation."""
 from __future__ import annotations
 
-from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm

@@ -1,7 +1,6 @@
 """Build a run from its config and train it: data, models, distiller, strategy, loop, checkpoints."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 from pathlib import Path

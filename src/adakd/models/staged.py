@@ -9,7 +9,7 @@ outputs, then the pooled vector and the logits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
