@@ -1,6 +1,7 @@
 """Build a run from its config and train it: data, models, distiller, strategy, loop, checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -145,9 +146,14 @@ class Trainer:
             wrapped = distributed.wrap_student(student, self.dist, config.sync_bn)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        strategy_args = dict(config.strategy.args)
+        option_fields = {f.name for f in dataclasses.fields(getattr(strategy_cls, "option_class", object))} \
+            if dataclasses.is_dataclass(getattr(strategy_cls, "option_class", None)) else set()
+        if "input_size" in option_fields:  # a strategy that measures shapes (SAKD's adapters) gets the data's size
+            strategy_args.setdefault("input_size", self.input_shape[-1])
         try:
             self.strategy = strategy_cls(wrapped, teacher, distiller, weights, student_spots, teacher_spots,
-                                         **config.strategy.args)
+                                         **strategy_args)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"strategy.args: {err}") from None
         if distiller is not None and self.dist.distributed and any(p.requires_grad for p in distiller.parameters()):
