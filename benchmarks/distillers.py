@@ -1,10 +1,12 @@
-"""Images/s of the standard training step per distiller, resnet56 -> resnet20, batch 64, CIFAR-sized input.
+"""Images/s of the training step per distiller and per strategy, resnet56 -> resnet20, batch 64, 32x32 input.
 
     python benchmarks/distillers.py [--steps 10] [--batch 64] [--methods kd,at,...] [--device cpu]
+    python benchmarks/distillers.py --strategies standard,sakd,sakd-faithful --methods at,crd
 
-Every method is timed in the same process as plain KD and reported as a ratio to it (KD is timed first and last;
-the reported KD figure is their mean, and their spread says how steady the machine was). Synchronises only at the
-measurement boundaries.
+Without --strategies every method runs under the standard strategy and is reported as a ratio to plain KD, timed in
+the same process (KD is timed first and last; the reported KD figure is their mean, and their spread says how steady
+the machine was). With --strategies each method runs under each strategy and is reported as a ratio to the standard
+step of the same method. Synchronises only at the measurement boundaries.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ import torch
 
 import adakd.distillers as D
 import adakd.models as M
+from adakd.engine.config import OptimConfig
+from adakd.engine.optim import build_optimizers
 from adakd.strategies import LossWeights, Precision, get
 
 
-def step_seconds(method: str, args, device: torch.device) -> float:
-    """Mean wall time of one standard-strategy step (forward, backward, SGD) after warm-up."""
+def step_seconds(method: str, args, device: torch.device, strategy_name: str = "standard") -> float:
+    """Mean wall time of one training step (every forward, backward and optimiser step) after warm-up."""
     torch.manual_seed(0)
     student = M.staged(M.create("resnet20", num_classes=100)).to(device)
     teacher = M.frozen(M.create("resnet56", num_classes=100)).to(device)
@@ -30,10 +34,11 @@ def step_seconds(method: str, args, device: torch.device) -> float:
     for param in distiller.pretrain_parameters():
         param.requires_grad_(False)
     defaults = type(distiller).defaults
-    weights = LossWeights(ce=defaults.ce_weight, method=defaults.method_weight)
-    strategy = get("standard")(student, teacher, distiller, weights, s_spots, t_spots)
-    groups = strategy.param_groups()
-    strategy.attach({"main": torch.optim.SGD(groups["main"], lr=0.01, momentum=0.9)}, Precision(device, False))
+    weights = LossWeights(ce=defaults.ce_weight, method=defaults.method_weight,
+                          kl=0.0 if strategy_name == "standard" else 1.0)  # SAKD runs add the KL term
+    strategy = get(strategy_name)(student, teacher, distiller, weights, s_spots, t_spots)
+    optimizers = build_optimizers(strategy.param_groups(), OptimConfig(), 0.05)
+    strategy.attach(optimizers, Precision(device, False), total_steps=1000)
     strategy.train(True)
     images = torch.randn(args.batch, 3, 32, 32, device=device)
     targets = torch.randint(0, 100, (args.batch,), device=device)
@@ -43,12 +48,12 @@ def step_seconds(method: str, args, device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
-        strategy.training_step(images, targets, indices, epoch=30)
+    for step in range(args.warmup):
+        strategy.training_step(images, targets, indices, 30, step)
     sync()
     start = time.perf_counter()
-    for _ in range(args.steps):
-        strategy.training_step(images, targets, indices, epoch=30)
+    for step in range(args.warmup, args.warmup + args.steps):
+        strategy.training_step(images, targets, indices, 30, step)
     sync()
     return (time.perf_counter() - start) / args.steps
 
@@ -61,8 +66,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--methods", default=",".join(D.available()))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--strategies", default=None, help="compare strategies, e.g. standard,sakd,sakd-faithful")
     args = parser.parse_args()
     device = torch.device(args.device)
+    torch.set_flush_denormal(True)  # as the engine does
+    if args.strategies:
+        compare_strategies(args, device)
+        return
     methods = [m for m in args.methods.split(",") if m != "kd"]
     kd_first = step_seconds("kd", args, device)
     results = {m: step_seconds(m, args, device) for m in methods}
@@ -75,6 +85,19 @@ def main() -> None:
           f"last {1000 * kd_last:.1f} ms)")
     for method, seconds in results.items():
         print(f"{method:<10}{1000 * seconds:>10.1f}{args.batch / seconds:>10.0f}{seconds / kd:>8.2f}")
+
+
+def compare_strategies(args, device: torch.device) -> None:
+    """Each method under each strategy; ratio to the standard step of the same method."""
+    names = args.strategies.split(",")
+    print(f"training step per strategy, resnet56 -> resnet20, batch {args.batch}, {device}, "
+          f"{torch.get_num_threads()} threads, {args.steps} timed steps after {args.warmup} warm-up")
+    print(f"{'method':<10}{'strategy':<16}{'ms/step':>10}{'images/s':>10}{'x standard':>12}")
+    for method in args.methods.split(","):
+        base = step_seconds(method, args, device, "standard")
+        for name in names:
+            seconds = base if name == "standard" else step_seconds(method, args, device, name)
+            print(f"{method:<10}{name:<16}{1000 * seconds:>10.1f}{args.batch / seconds:>10.0f}{seconds / base:>12.2f}")
 
 
 if __name__ == "__main__":

@@ -77,3 +77,22 @@ def test_round_trip_through_yaml_dict():
     assert from_dict(to_dict(config)) == config
     assert "milestones" in dump_yaml(config)
     assert isinstance(from_dict({}), RunConfig)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_shipped_preset_resolves_and_names_registered_entries(name):
+    from adakd import distillers, models, strategies
+
+    config = resolve(["cifar100", name])
+    for spec in (config.model, config.teacher):
+        assert spec.name is None or spec.name in models.available()
+    assert config.strategy.name in strategies.available()
+    assert set(config.distill.by_method) <= set(distillers.available())
+
+
+def test_pair_and_sakd_presets_compose():
+    config = resolve(["cifar100", "pair-vgg13-MobileNetV2", "sakd-faithful"], overrides=["method=dkd"])
+    assert (config.teacher.name, config.model.name, config.optim.lr) == ("vgg13", "MobileNetV2", 0.01)
+    assert config.strategy.name == "sakd-faithful" and config.distill.kl_weight == 1.0
+    assert config.distill.for_method().args == {"beta": 6.0}
+    assert resolve(["cifar100", "sakd"], overrides=["method=fitnets"]).distill.for_method().method_weight == 1.0
