@@ -406,7 +406,9 @@ def test_same_seed_same_numbers(name):
         strategy = build(name)
         torch.manual_seed(11)
         outs = [strategy.training_step(*batch(seed=s), epoch=1, step=s) for s in range(3)]
-        runs.append((outs, params_of(strategy.student_module, *getattr(strategy, "trainable_modules")())))
+        learners = [m for m in (strategy.distiller, getattr(strategy, "policy", None),
+                                getattr(strategy, "adapters", None)) if m is not None]
+        runs.append((outs, params_of(strategy.student_module, *learners)))
     (outs_a, params_a), (outs_b, params_b) = runs
     for a, b in zip(outs_a, outs_b):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

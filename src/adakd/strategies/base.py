@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -103,11 +103,6 @@ class Strategy:
             self.distiller.train(mode)
         if self.teacher is not None:
             self.teacher.eval()
-
-    def trainable_modules(self) -> Iterator[nn.Module]:
-        """Modules whose state is saved besides the student (e.g. distiller heads)."""
-        if self.distiller is not None:
-            yield self.distiller
 
     def state_dict(self) -> dict[str, Any]:
         """Extra state to checkpoint (distiller parts); the student and optimisers are saved by the engine."""

@@ -318,12 +318,6 @@ class SAKD(SpotMasked):
         self.policy.train(mode)
         self.adapters.train(mode)
 
-    def trainable_modules(self):
-        """Distiller heads, policy and adapters."""
-        yield from super().trainable_modules()
-        yield self.policy
-        yield self.adapters
-
     def state_dict(self) -> dict[str, Any]:
         """Distiller heads, policy and adapters ([C] saves no adapters; exact resume needs them, §13)."""
         state = super().state_dict()
