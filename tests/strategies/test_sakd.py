@@ -505,3 +505,27 @@ def test_resume_is_bitwise(tmp_path):
     assert a.keys() == b.keys() and any(k.startswith("policy.") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("name", ["sakd", "standard"])
+def test_loss_scale_moves_once_per_iteration(name):
+    # Under float16 AMP the agent and the student steps share one GradScaler: both optimisers step, the scale
+    # updates once. A CPU GradScaler with growth_interval 1 doubles the scale at every update, so two iterations
+    # take it from 8 to 32 (two updates per iteration would give 128).
+    strategy = build(name) if name in ADAPTIVE else build_standard()
+    strategy.precision.scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
+    for step in range(2):
+        strategy.training_step(*batch(), epoch=1, step=step)
+    assert strategy.precision.scaler.get_scale() == 32.0
+
+
+def build_standard():
+    torch.manual_seed(0)
+    s = models.staged(models.create("resnet8", num_classes=10))
+    t = models.frozen(models.create("resnet14", num_classes=10))
+    d, s_spots, t_spots = distillers.create("kd", s, t, (3, SIZE, SIZE))
+    strategy = strategies.get("standard")(s, t, d, LossWeights(ce=0.1, method=0.9), s_spots, t_spots)
+    optimizers = build_optimizers(strategy.param_groups(), OptimConfig(), 0.05)
+    strategy.attach(optimizers, Precision(torch.device("cpu"), False))
+    strategy.train(True)
+    return strategy

@@ -42,10 +42,15 @@ class Precision:
         """Backward through the (possibly scaled) loss."""
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Optimiser step (skipped by the scaler on inf/NaN gradients) and scaler update."""
+    def step(self, optimizer: torch.optim.Optimizer, update: bool = True) -> None:
+        """Optimiser step (skipped by the scaler on inf/NaN gradients), then the scale update.
+
+        A step with several optimisers passes `update=False` to all but the last, so the loss scale moves once
+        per iteration.
+        """
         self.scaler.step(optimizer)
-        self.scaler.update()
+        if update:
+            self.scaler.update()
 
 
 class Strategy:

@@ -386,7 +386,7 @@ class SAKD(SpotMasked):
                 if param.grad is not None:
                     dist.all_reduce(param.grad)
                     param.grad /= dist.get_world_size()
-        self.precision.step(optimizer)
+        self.precision.step(optimizer, update=False)  # the student step that follows updates the loss scale
 
     def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
                       step: int = 0) -> dict[str, Tensor]:
