@@ -31,11 +31,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 class RunDir:
     """Files of one run; only the main rank writes (`enabled=False` elsewhere)."""
 
-    def __init__(self, path: str | os.PathLike, enabled: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, enabled: bool = True, tensorboard: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
+        self.use_tensorboard = tensorboard
         self.rows: list[dict[str, Any]] = []
-        self._writer = None
+        self._tensorboard = None
 
     @property
     def last_checkpoint(self) -> Path:
@@ -95,9 +96,6 @@ class RunDir:
                 if key != "epoch" and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, row["epoch"])
             self.tensorboard.flush()
-
-    _tensorboard = None
-    use_tensorboard = True
 
     @property
     def tensorboard(self):

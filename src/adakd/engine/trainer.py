@@ -147,8 +147,8 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         strategy_args = dict(config.strategy.args)
-        option_fields = {f.name for f in dataclasses.fields(getattr(strategy_cls, "option_class", object))} \
-            if dataclasses.is_dataclass(getattr(strategy_cls, "option_class", None)) else set()
+        option_class = getattr(strategy_cls, "option_class", None)
+        option_fields = {f.name for f in dataclasses.fields(option_class)} if option_class else set()
         if "input_size" in option_fields:  # a strategy that measures shapes (SAKD's adapters) gets the data's size
             strategy_args.setdefault("input_size", self.input_shape[-1])
         try:
@@ -169,8 +169,7 @@ class Trainer:
         self.test_loader = datasets.make_loader(
             self.test_set, max(1, config.data.test_batch_size // self.dist.world_size), train=False, **loader_args)
         self.strategy.attach(self.optimizers, self.precision, total_steps=config.optim.epochs * len(self.train_loader))
-        self.run = RunDir(run_path, enabled=self.dist.is_main)
-        self.run.use_tensorboard = config.log.tensorboard
+        self.run = RunDir(run_path, enabled=self.dist.is_main, tensorboard=config.log.tensorboard)
         self.epoch, self.step, self.best = 0, 0, {"acc1": -1.0, "epoch": 0}
         if checkpoint is None:
             self.run.create(config)
