@@ -93,9 +93,8 @@ def time_steps(step, args, device: torch.device) -> float:
     return (time.perf_counter() - start) / args.steps
 
 
-def measure(cases: dict, args, device: torch.device) -> dict:
-    """Best of `args.rounds` round-robin timings per case, so slow drift of the machine hits every case alike."""
-    steps = {key: build_step(key[0], args, device, key[1]) for key in cases}
+def best_of(steps: dict, args, device: torch.device) -> dict:
+    """Best of `args.rounds` round-robin timings per step function, so slow drift hits every case alike."""
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -103,6 +102,13 @@ def measure(cases: dict, args, device: torch.device) -> dict:
     for _ in range(args.rounds):
         for key, step in steps.items():
             best[key] = min(best[key], time_steps(step, args, device))
+    return best
+
+
+def measure(cases: dict, args, device: torch.device) -> dict:
+    """Build every case, then time them with `best_of`."""
+    steps = {key: build_step(key[0], args, device, key[1]) for key in cases}
+    best = best_of(steps, args, device)
     measure.shares = {key: (sum(s.shares) / len(s.shares) if s.shares else 1.0) for key, s in steps.items()}
     return best
 

@@ -1,4 +1,4 @@
-"""The `adakd` command: train, distill, eval, models, demo, presets."""
+"""The `adakd` command: train, distill, abl, eval, models, demo, presets, plot, decisions."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(train)
     distill = sub.add_parser("distill", help="train a student under a frozen teacher")
     _add_run_arguments(distill)
+    abl = sub.add_parser("abl", help="ABL's two stages in one: gamma search on a held-out split, then retraining")
+    _add_run_arguments(abl)
+    abl.add_argument("--seeds", type=int, default=1, help="stage-2 runs (seeds seed, seed+1, ...) reusing one gamma")
     ev = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a dataset's test split")
     ev.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -42,8 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("decisions", help="training samples a trained SAKD policy does not distill at a spot")
     de.add_argument("run_dir")
     de.add_argument("--spot", default="0", help="decision index (0 = first spot) or spot name (e.g. stage2, logits)")
-    pl = sub.add_parser("plot", help="draw a run's curves (losses, accuracy, SAKD spot shares) as PNG files")
+    pl = sub.add_parser("plot", help="draw a run's curves (losses, accuracy, SAKD spot shares, ABL weights and "
+                                     "per-block accuracy) as PNG files")
     pl.add_argument("run_dir")
+    pl.add_argument("--compare", nargs="+", action="extend", default=[], metavar="OTHER_RUN_DIR",
+                    help="ABL runs whose per-block accuracy is drawn beside RUN_DIR's in block_accuracy.png")
     pl.add_argument("--out", default=None, help="folder for the PNG files (default RUN_DIR/plots)")
     return parser
 
@@ -66,6 +72,24 @@ def _run(args: argparse.Namespace, task: str) -> int:
     summary = trainer.fit()
     if trainer.dist.is_main:
         print(format_summary(summary))
+    return 0
+
+
+def _abl(args: argparse.Namespace) -> int:
+    from adakd.engine.abl_pipeline import format_pipeline, run_pipeline
+    from adakd.engine.config import dump_yaml, resolve
+
+    if args.resume:
+        if args.preset or args.config or args.overrides:
+            raise SystemExit("adakd: error: `adakd abl --resume ROOT` takes the saved pipeline.yaml; give nothing else")
+        result = run_pipeline(None, root=args.resume, resume=True)
+    else:
+        config = resolve(["cifar100", *args.preset], args.config, ["task=distill", *args.overrides])
+        if args.print_config:
+            print(dump_yaml(config), end="")
+            return 0
+        result = run_pipeline(config, seeds=args.seeds)
+    print(format_pipeline(result))
     return 0
 
 
@@ -156,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, args.command)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "abl":
+            return _abl(args)
         if args.command == "models":
             return _models(args)
         if args.command == "presets":
@@ -170,7 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plot":
             from adakd.engine.plots import plot_run
 
-            for path in plot_run(args.run_dir, args.out):
+            try:
+                paths = plot_run(args.run_dir, args.out, compare=args.compare)
+            except ValueError as err:  # a run without epochs, or a --compare run that is not ABL
+                print(f"adakd: error: {err}", file=sys.stderr)
+                return 2
+            for path in paths:
                 print(path)
             return 0
         if args.command == "demo":

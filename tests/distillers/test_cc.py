@@ -52,6 +52,10 @@ def test_cc_frozen_teacher_embedding():
     cc([torch.randn(4, 5)], [teacher], torch.zeros(4, dtype=torch.long))["cc/pooled"].backward()
     assert teacher.grad is None and all(p.grad is None for p in cc.embed_t.parameters())
     assert all(p.grad is not None for p in cc.embed_s.parameters())
+    # The frozen embedding stays a constant even to a teacher that is trained jointly (detach_teacher off).
+    cc.detach_teacher = False
+    cc([torch.randn(4, 5)], [teacher], torch.zeros(4, dtype=torch.long))["cc/pooled"].backward()
+    assert teacher.grad is None
 
 
 @pytest.mark.parametrize("teacher_name,student_name", PAIRS)

@@ -108,6 +108,27 @@ def test_masked_out_samples_get_zero_gradient(name):
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_undetached_teacher_gets_gradients_and_the_same_terms(name):
+    # detach_teacher=False (a jointly trained teacher, SAKD's Table VIII ablation) changes no value and no student
+    # gradient; it only lets every term reach the teacher features.
+    results = []
+    for detach in (True, False):
+        distiller, s, t, y, idx = prepared(name, student_grad=True, teacher_grad=True)
+        distiller.eval()
+        distiller.detach_teacher = detach
+        torch.manual_seed(7)  # CRD draws its negatives from the torch RNG
+        terms = run(distiller, s, t, y, idx, masks=[torch.tensor([1.0, 0, 1, 1, 0, 1]) for _ in s])
+        torch.stack(list(terms.values())).sum().backward()
+        results.append((terms, [f.grad for f in s], [f.grad for f in t]))
+    (detached, s_grads, t_grads), (undetached, s_grads_off, t_grads_off) = results
+    assert all(torch.equal(detached[k], undetached[k]) for k in detached)
+    assert all(torch.equal(a, b) for a, b in zip(s_grads, s_grads_off))
+    assert all(g is None for g in t_grads)
+    assert all(g is not None and torch.isfinite(g).all() for g in t_grads_off)
+    assert sum(g.abs().sum() for g in t_grads_off) > 0
+
+
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("selected", [0, 1])
 def test_degenerate_selections_are_finite(name, selected):
     distiller, s, t, y, idx = prepared(name, student_grad=True, teacher_grad=False)

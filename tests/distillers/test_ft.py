@@ -98,6 +98,29 @@ def test_ft_module_masks_frozen_paraphraser_and_teacher():
     assert one_spot(ft, "ft/stage3", student, teacher, masks=[torch.zeros(6)]).item() == 0.0
 
 
+def test_ft_empty_selection_zero_or_unmasked():
+    # specs/sakd.md §8.4: no selected sample gives exactly 0 (default) or the full-batch unmasked loss ([C] train.py).
+    student = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(6, 4, 2, 2, dtype=torch.float64)
+    mask = torch.tensor([1.0, 0, 1, 0, 0, 1])
+    zero, unmasked = (FT(["stage3"], [(3, 4, 4)], [(4, 2, 2)], FTConfig(empty_selection=rule)).double().eval()
+                      for rule in ("zero", "unmasked"))
+    unmasked.load_state_dict(zero.state_dict())
+    full = one_spot(zero, "ft/stage3", student, teacher)
+    assert full > 0
+    assert one_spot(zero, "ft/stage3", student, teacher, masks=[torch.zeros(6)]).item() == 0.0
+    empty = one_spot(unmasked, "ft/stage3", student, teacher, masks=[torch.zeros(6)])
+    assert torch.equal(empty, full)
+    (grad_empty,) = torch.autograd.grad(empty, student)
+    (grad_full,) = torch.autograd.grad(full, student)
+    assert torch.equal(grad_empty, grad_full) and (grad_full.flatten(1).abs().sum(1) > 0).all()
+    # A non-empty selection is the masked mean under both rules, bit for bit.
+    assert torch.equal(one_spot(unmasked, "ft/stage3", student, teacher, masks=[mask]),
+                       one_spot(zero, "ft/stage3", student, teacher, masks=[mask]))
+    with pytest.raises(ValueError, match="empty_selection"):
+        FTConfig(empty_selection="skip")
+
+
 def test_ft_state_dict_round_trip():
     first = FT(["stage3"], [(3, 4, 4)], [(4, 4, 4)])
     second = FT(["stage3"], [(3, 4, 4)], [(4, 4, 4)])

@@ -26,7 +26,8 @@ class ArrayDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, *, classes: Sequence[str],
-                 mean: Sequence[float], std: Sequence[float], augment: str = "none", crop_padding: int = 0) -> None:
+                 mean: Sequence[float], std: Sequence[float], augment: str = "none", crop_padding: int = 0,
+                 ids: torch.Tensor | None = None) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 N x C x H x W tensor, got {images.dtype} {tuple(images.shape)}")
         if targets.dtype != torch.int64 or targets.shape != images.shape[:1]:
@@ -48,13 +49,24 @@ class ArrayDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.crop_padding = int(crop_padding) if "crop" in augment else 0
         self._scale, self._shift = normaliser(self.mean, self.std)
+        # A subset keeps the sample ids of its parent, so per-sample state (CRD's memory rows) has one index space.
+        if ids is not None and (ids.dtype != torch.int64 or ids.shape != targets.shape):
+            raise ValueError(f"ids must be int64 of shape ({targets.shape[0]},)")
+        self.ids = ids
+
+    def subset(self, indices: torch.Tensor) -> "ArrayDataset":
+        """The samples at `indices`, keeping their ids in this dataset."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        ids = indices if self.ids is None else self.ids[indices]
+        return ArrayDataset(self.images[indices], self.targets[indices], classes=self.classes, mean=self.mean,
+                            std=self.std, augment=self.augment, crop_padding=self.crop_padding, ids=ids)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         image = self.images[index].to(torch.float32).mul_(self._scale).add_(self._shift)
-        return image, int(self.targets[index]), index
+        return image, int(self.targets[index]), index if self.ids is None else int(self.ids[index])
 
     def __repr__(self) -> str:
         n, c, h, w = self.images.shape

@@ -51,6 +51,7 @@ class ArrayLoader:
         # Zero padding once for the whole set, as torchvision's RandomCrop(padding=p) fills with 0 before ToTensor.
         self.images = F.pad(images, (self.pad,) * 4) if self.pad else images
         self.targets = dataset.targets.to(device)
+        self.ids = None if dataset.ids is None else dataset.ids.to(device)
         self.scale, self.shift = normaliser(dataset.mean, dataset.std, device)
         height, width = dataset.images.shape[2:]
         self._rows = torch.arange(height)
@@ -101,7 +102,8 @@ class ArrayLoader:
                 spatial = rows[start:end, :, None] * padded_width + cols[start:end, None, :]
                 batch = batch.flatten(2).gather(2, spatial.view(n, 1, -1).expand(-1, c, -1))
                 batch = batch.view(n, c, *spatial.shape[1:])
-            yield batch.to(torch.float32).mul_(self.scale).add_(self.shift), self.targets[index], index
+            ids = index if self.ids is None else self.ids[index]
+            yield batch.to(torch.float32).mul_(self.scale).add_(self.shift), self.targets[index], ids
 
 
 class FolderLoader:

@@ -53,6 +53,6 @@ class AT(Distiller):
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
         return {
-            f"at/{spot}": masked_mean(at_loss(s, t.detach(), self.p), m)
+            f"at/{spot}": masked_mean(at_loss(s, self.teacher_input(t), self.p), m)
             for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks)
         }

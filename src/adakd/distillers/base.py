@@ -67,10 +67,18 @@ class Distiller(nn.Module):
     config_class: type = object  # the method's frozen hyper-parameter dataclass
     student_preact = False  # True: the strategy hands over pre-activation student features
     teacher_preact = False
+    # Teacher features are constants to every loss. A strategy that trains the teacher jointly (SAKD's
+    # trainable-teacher ablation, specs/sakd.md §11) sets this to False on its distiller instance; every distiller
+    # reads teacher tensors through `teacher_input` (KD passes the flag to kd_loss), so its terms then reach it too.
+    detach_teacher: bool = True
 
     def __init__(self, spot_names: Sequence[str]) -> None:
         super().__init__()
         self.spot_names = list(spot_names)
+
+    def teacher_input(self, teacher_feat: Tensor) -> Tensor:
+        """A teacher feature as the loss sees it: detached, unless `detach_teacher` is False."""
+        return teacher_feat.detach() if self.detach_teacher else teacher_feat
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters trained with the student (same optimiser); excludes pre-trained, then frozen, parts."""

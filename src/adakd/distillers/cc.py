@@ -30,7 +30,10 @@ class CCConfig:
     """CC hyper-parameters: the embedding size, and whether the teacher's embedding head is trained."""
 
     embed_dim: int = 128
-    # False reproduces the SAKD code's adaptive script, which detaches the teacher embedding (left at random init).
+    # specs/sakd.md §9 switch `cc_detach_teacher_embed` (inverted): False detaches the teacher embedding before the
+    # loss, so it stays at its random initialisation, as the SAKD code's adaptive and anti scripts (train.py,
+    # train_reverse.py) do; the sakd-faithful preset sets it. Its baseline, random and trainable-teacher scripts
+    # train the embedding (True).
     teacher_embed_trainable: bool = True
 
 
@@ -46,6 +49,7 @@ class CC(Distiller):
         super().__init__(spot_names)
         self.embed_s = nn.ModuleList(nn.Linear(math.prod(shape), config.embed_dim) for shape in student_shapes)
         self.embed_t = nn.ModuleList(nn.Linear(math.prod(shape), config.embed_dim) for shape in teacher_shapes)
+        self.teacher_embed_trainable = config.teacher_embed_trainable
         if not config.teacher_embed_trainable:
             self.embed_t.requires_grad_(False)
 
@@ -59,7 +63,8 @@ class CC(Distiller):
         for spot, s, t, m, embed_s, embed_t in zip(self.spot_names, student_feats, teacher_feats, masks,
                                                    self.embed_s, self.embed_t):
             student_embed = embed_s(s.flatten(1))
-            # The teacher feature is a constant; only the teacher's embedding head may learn from this loss.
-            teacher_embed = embed_t(t.detach().flatten(1))
+            teacher_embed = embed_t(self.teacher_input(t).flatten(1))
+            if not self.teacher_embed_trainable:  # a constant, even to a teacher trained jointly
+                teacher_embed = teacher_embed.detach()
             terms[f"cc/{spot}"] = relational_term(cc_loss, student_embed, teacher_embed, m)
         return terms

@@ -106,7 +106,7 @@ class CRD(Distiller):
         """CRD on one (sub-)batch: student-anchored + teacher-anchored NCE, then the memory update."""
         dtype = self.memory_student.dtype
         v_s = F.normalize(self.embed_student(student.flatten(1)).to(dtype), dim=1)
-        v_t = F.normalize(self.embed_teacher(teacher.detach().flatten(1)).to(dtype), dim=1)
+        v_t = F.normalize(self.embed_teacher(self.teacher_input(teacher).flatten(1)).to(dtype), dim=1)
         contrast = torch.cat([indices[:, None], self.sample_negatives(targets)], dim=1)
         student_probs = self._normalised(self._scores(self.memory_teacher, contrast, v_s), self.z_student)
         teacher_probs = self._normalised(self._scores(self.memory_student, contrast, v_t), self.z_teacher)

@@ -88,6 +88,7 @@ class DKD(Distiller):
         c = self.config
         warmup = min(epoch / c.warmup_epochs, 1.0) if c.warmup_epochs > 0 else 1.0
         return {
-            f"dkd/{spot}": masked_mean(dkd_loss(s, t.detach(), targets, c.alpha, c.beta, c.temperature, warmup), m)
+            f"dkd/{spot}": masked_mean(
+                dkd_loss(s, self.teacher_input(t), targets, c.alpha, c.beta, c.temperature, warmup), m)
             for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks)
         }

@@ -43,6 +43,6 @@ class FitNets(Distiller):
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
         return {
-            f"fitnets/{spot}": masked_mean(fitnets_loss(regressor(s), t.detach()), m)
+            f"fitnets/{spot}": masked_mean(fitnets_loss(regressor(s), self.teacher_input(t)), m)
             for spot, regressor, s, t, m in zip(self.spot_names, self.regressors, student_feats, teacher_feats, masks)
         }

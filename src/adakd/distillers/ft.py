@@ -1,6 +1,7 @@
 """FT: Kim, Park and Kwak, "Paraphrasing Complex Network: Network Compression via Factor Transfer" (NeurIPS 2018)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -51,13 +52,25 @@ class Paraphraser(nn.Module):
         return self.decoder(self.encoder(teacher_feat))
 
 
+EMPTY_SELECTION = ("zero", "unmasked")
+
+
 @dataclass(frozen=True)
 class FTConfig:
-    """FT hyper-parameters: paraphrase rate k and the paraphraser's pre-training stage."""
+    """FT hyper-parameters: paraphrase rate k, the paraphraser's pre-training stage, the empty-selection rule."""
 
     rate: float = 0.5
     pretrain_epochs: int = 30
     pretrain_lr: float = 0.01
+    # specs/sakd.md §8.4 switch `ft_empty_selection`: the term when a mask selects no sample of the batch.
+    # "zero": exactly 0, like every per-sample loss. "unmasked": the full-batch, unmasked loss, as the SAKD code's
+    # train.py keeps it (its masked value overwrites the unmasked one only when a sample is selected); the
+    # sakd-faithful preset sets it.
+    empty_selection: str = "zero"
+
+    def __post_init__(self) -> None:
+        if self.empty_selection not in EMPTY_SELECTION:
+            raise ValueError(f"ft empty_selection must be one of {EMPTY_SELECTION}, not {self.empty_selection!r}")
 
 
 @register_distiller("ft")
@@ -79,6 +92,7 @@ class FT(Distiller):
             _conv_stack([s[0], s[0], k, k], batch_norm=True) for s, k in zip(student_shapes, factor_channels))
         self.pretrain_epochs = config.pretrain_epochs
         self.pretrain_lr = config.pretrain_lr
+        self.unmasked_when_empty = config.empty_selection == "unmasked"
 
     def pretrain_parameters(self) -> list[nn.Parameter]:
         """The paraphrasers, trained as auto-encoders of the teacher features before distillation."""
@@ -93,7 +107,13 @@ class FT(Distiller):
         out = {}
         for spot, translator, paraphraser, s, t, m in zip(
                 self.spot_names, self.translators, self.paraphrasers, student_feats, teacher_feats, masks):
-            with torch.no_grad():  # the paraphraser is frozen after pre-training
-                teacher_factor = paraphraser.encoder(t.detach())
-            out[f"ft/{spot}"] = masked_mean(ft_loss(translator(s), teacher_factor), m)
+            # The paraphraser is frozen after pre-training; a jointly trained teacher still learns through it.
+            with torch.no_grad() if self.detach_teacher else contextlib.nullcontext():
+                teacher_factor = paraphraser.encoder(self.teacher_input(t))
+            per_sample = ft_loss(translator(s), teacher_factor)
+            term = masked_mean(per_sample, m)
+            if m is not None and self.unmasked_when_empty:
+                # On the device: no host sync. torch.where sends the gradient to the chosen value only.
+                term = torch.where(m.sum() > 0, term, per_sample.mean())
+            out[f"ft/{spot}"] = term
         return out

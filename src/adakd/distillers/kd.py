@@ -11,15 +11,18 @@ from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean
 from adakd.distillers.registry import register_distiller
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+            detach_teacher: bool = True) -> Tensor:
     """Per-sample T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), summed over classes.
 
     Follows HobbitLong/RepDistiller:distiller_zoo/KD.py (KL summed over classes, averaged over the batch by the
-    caller, times T^2 so gradients keep their scale as T changes). Computed in float32 under AMP.
+    caller, times T^2 so gradients keep their scale as T changes). Computed in float32 under AMP. The teacher's
+    distribution is a constant unless `detach_teacher` is False (a teacher trained jointly with the student).
     """
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32 under AMP, float64 kept
+    teacher_logits = teacher_logits.detach() if detach_teacher else teacher_logits
     log_p_student = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
     return kl * temperature**2
 
@@ -49,6 +52,6 @@ class KD(Distiller):
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
         return {
-            f"kd/{spot}": masked_mean(kd_loss(s, t, self.temperature), m)
+            f"kd/{spot}": masked_mean(kd_loss(s, t, self.temperature, detach_teacher=self.detach_teacher), m)
             for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks)
         }

@@ -53,6 +53,6 @@ class NST(Distiller):
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
         return {
-            f"nst/{spot}": masked_mean(nst_loss(s, t.detach()), m)
+            f"nst/{spot}": masked_mean(nst_loss(s, self.teacher_input(t)), m)
             for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks)
         }

@@ -58,6 +58,6 @@ class PKT(Distiller):
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
         return {
-            f"pkt/{spot}": relational_term(self.loss_fn, s, t.detach(), m)
+            f"pkt/{spot}": relational_term(self.loss_fn, s, self.teacher_input(t), m)
             for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks)
         }

@@ -134,6 +134,6 @@ class ReviewKD(Distiller):
         masks = masks or [None] * len(student_feats)
         ramp = warmup_factor(epoch, self.warmup_epochs)
         return {
-            f"reviewkd/{spot}": masked_mean(hcl_loss(s, as_map(t.detach())), m) * ramp
+            f"reviewkd/{spot}": masked_mean(hcl_loss(s, as_map(self.teacher_input(t))), m) * ramp
             for spot, s, t, m in zip(self.spot_names, self.fuse(student_feats), teacher_feats, masks)
         }

@@ -77,6 +77,6 @@ class RKD(Distiller):
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
         return {
-            f"rkd/{spot}": relational_term(self.loss_fn, s, t.detach(), m)
+            f"rkd/{spot}": relational_term(self.loss_fn, s, self.teacher_input(t), m)
             for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks)
         }

@@ -49,6 +49,6 @@ class SP(Distiller):
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
         return {
-            f"sp/{spot}": relational_term(sp_loss, s, t.detach(), m)
+            f"sp/{spot}": relational_term(sp_loss, s, self.teacher_input(t), m)
             for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks)
         }

@@ -71,7 +71,7 @@ class VID(Distiller):
         terms = {}
         for spot, s, t, m, regressor, log_scale in zip(self.spot_names, student_feats, teacher_feats, masks,
                                                        self.regressors, self.log_scales):
-            t = t.detach()
+            t = self.teacher_input(t)
             size = (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
             # Pool only on a mismatch: the larger map is averaged down to the smaller, as in the reference.
             s = s if s.shape[2:] == size else F.adaptive_avg_pool2d(s, size)

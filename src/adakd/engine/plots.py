@@ -1,8 +1,15 @@
-"""Figures of a run directory: loss terms and accuracy per epoch, SAKD's per-spot shares (the paper's Fig. 3)."""
+"""Figures of a run directory: loss terms and accuracy per epoch, SAKD's per-spot shares (the paper's Fig. 3), and
+ABL's student weights during the search ([A] Fig. 3) and per-block head accuracy ([A] Fig. 4c / Fig. 6)."""
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
+from typing import Sequence
+
+# Logged under train/ but not loss terms: they get their own figures (or none) instead of the loss plot.
+_NOT_LOSSES = ("/share/", "/policy_p/", "train/gumbel", "train/abl/p1/", "train/abl/p2/", "train/abl/hypergrad/",
+               "train/abl/grad_norm/")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
@@ -14,8 +21,43 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Write PNG figures next to the metrics (or into `out`) and return their paths."""
+def read_abl_gamma(run_dir: str | Path) -> list[dict[str, float | str]] | None:
+    """abl_gamma.csv of an ABL search run (`phase` stays text, the rest floats), or None if the run has none."""
+    path = Path(run_dir) / "abl_gamma.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as handle:
+        return [{k: v if k == "phase" else float(v) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(handle)]
+
+
+def _block_columns(columns: Sequence[str], prefix: str) -> list[str]:
+    """Columns `<prefix>block<n>` in block order (block10 after block9)."""
+    found = [(int(m.group(1)), c) for c in columns if c.startswith(prefix) and (m := re.search(r"block(\d+)$", c))]
+    return [c for _, c in sorted(found)]
+
+
+def _block_accuracy(rows: list[dict[str, float]]) -> tuple[list[int], list[float]] | None:
+    """Block indices 1..L and the test accuracy of each head on the last epoch (block L: the student's own FC)."""
+    last = rows[-1] if rows else {}
+    columns = _block_columns(list(last), "test/block_acc/")
+    if not columns or "test/acc1" not in last:
+        return None
+    blocks = [int(re.search(r"block(\d+)$", c).group(1)) for c in columns]
+    return [*blocks, blocks[-1] + 1], [last[c] for c in columns] + [last["test/acc1"]]
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    """Run folder names, or the paths as given when two runs share a folder name."""
+    names = [p.resolve().name for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, compare: Sequence[str | Path] = ()) -> list[Path]:
+    """Write PNG figures next to the metrics (or into `out`) and return their paths.
+
+    `compare` names other run folders whose per-block accuracy is drawn beside this run's in block_accuracy.png.
+    """
     try:
         import matplotlib
 
@@ -26,36 +68,97 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     rows = read_metrics(run_dir)
     if not rows:
         raise ValueError(f"{run_dir}: metrics.csv has no epochs yet")
+    # Read every comparison run first, so a wrong path fails before any figure is written.
+    compared = [(Path(path), read_metrics(path)) for path in compare]
+    for path, other in compared:
+        if _block_accuracy(other) is None:
+            raise ValueError(f"{str(path)!r} has no test/block_acc columns in its last metrics row: "
+                             "--compare takes ABL runs only")
+    if compared and _block_accuracy(rows) is None:
+        raise ValueError(f"--compare draws block_accuracy.png, but {str(run_dir)!r} has no test/block_acc columns")
     folder = Path(out) if out else Path(run_dir) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     epochs = [r["epoch"] for r in rows]
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(c for r in rows for c in r))
 
-    def figure(name: str, keys: list[str], ylabel: str, title: str) -> Path | None:
-        keys = [k for k in keys if any(k in r for r in rows)]
-        if not keys:
-            return None
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for key in keys:
-            ax.plot(epochs, [r.get(key, float("nan")) for r in rows], label=key.split("/", 1)[-1])
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+    def save(fig, name: str) -> Path:
         fig.tight_layout()
         path = folder / f"{name}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
 
+    def figure(name: str, keys: list[str], ylabel: str, title: str, short_labels: bool = True) -> Path | None:
+        keys = [k for k in keys if any(k in r for r in rows)]
+        if not keys:
+            return None
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for key in keys:
+            label = key.split("/", 1)[-1] if short_labels else key
+            ax.plot(epochs, [r.get(key, float("nan")) for r in rows], label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", ncol=1 + len(keys) // 12)
+        return save(fig, name)
+
+    def gamma_trajectories() -> Path | None:
+        gamma = read_abl_gamma(run_dir)
+        keys = _block_columns(list(gamma[0]), "p1/") if gamma else []
+        if not keys:
+            return None
+        steps = [r["step"] for r in gamma]
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        colors = matplotlib.colormaps["viridis"].resampled(len(keys))
+        for index, key in enumerate(keys):
+            ax.plot(steps, [r.get(key, float("nan")) for r in gamma], color=colors(index), label=key.split("/")[-1])
+        meta_steps = [r["step"] for r in gamma if r.get("phase") == "meta"]
+        warm = []
+        if meta_steps and len(meta_steps) < len(gamma):
+            # Warm start: gamma is frozen at 0 (p1 = 0.5); the bilevel search starts at the first meta row.
+            warm = [ax.axvspan(steps[0], min(meta_steps), color="grey", alpha=0.15, label="warm start")]
+            ax.axvline(min(meta_steps), color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("student weight p1 (p2 = 1 - p1)")
+        ax.set_title("ABL student weight per block (ABL Fig. 3)")
+        ax.grid(alpha=0.3)
+        if len(keys) <= 12:
+            ax.legend(fontsize="small", ncol=1 + len(keys) // 7)
+        else:
+            scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0.5, len(keys) + 0.5), colors)
+            fig.colorbar(scale, ax=ax, label="block")
+            if warm:
+                ax.legend(handles=warm, fontsize="small")
+        return save(fig, "gamma_trajectories")
+
+    def block_accuracy() -> Path | None:
+        runs = [(Path(run_dir), rows), *compared]
+        curves = [(label, _block_accuracy(r)) for label, (_, r) in zip(_labels([p for p, _ in runs]), runs)]
+        if curves[0][1] is None:
+            return None
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for label, (blocks, accuracy) in curves:
+            ax.plot(blocks, accuracy, marker="o", label=label)
+        ax.set_xlabel("block (last = the student's own classifier)")
+        ax.set_ylabel("test top-1 of the block's head (%)")
+        ax.set_title("per-block test accuracy (ABL Fig. 4c / Fig. 6)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        return save(fig, "block_accuracy")
+
     skip = {"train/loss", "train/acc1", "train/images_per_s"}
-    terms = [c for c in columns if c.startswith("train/") and c not in skip and "/share/" not in c
-             and "/policy_p/" not in c and not c.startswith("train/gumbel")]
+    terms = [c for c in columns if c.startswith("train/") and c not in skip and not any(s in c for s in _NOT_LOSSES)]
     made = [
-        figure("accuracy", ["train/acc1", "test/acc1", "test/acc5"], "top-1 / top-5 (%)", "accuracy"),
+        figure("accuracy", ["train/acc1", "test/acc1", "test/acc5"], "top-1 / top-5 (%)", "accuracy",
+               short_labels=False),
         figure("losses", ["train/loss", *terms], "loss (weighted term)", "training loss terms"),
         figure("spot_shares", [c for c in columns if "/share/" in c], "share of samples distilled",
                "distilled share per spot (SAKD Fig. 3)"),
+        figure("abl_p1", _block_columns(columns, "train/abl/p1/"), "student weight p1 (epoch mean)",
+               "ABL student weight per block"),
+        gamma_trajectories(),
+        block_accuracy(),
     ]
     return [p for p in made if p is not None]

@@ -17,6 +17,18 @@ import adakd
 from adakd.engine.config import RunConfig, dump_yaml
 
 
+def _csv(rows: list[dict[str, Any]]) -> str:
+    """Rows as CSV text with the union of their keys as columns, in first-seen order."""
+    columns: list[str] = []
+    for r in rows:
+        columns += [c for c in r if c not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 class RunDirError(ValueError):
     """The run directory cannot be used as asked (it exists, or it is not a run)."""
 
@@ -36,6 +48,7 @@ class RunDir:
         self.enabled = enabled
         self.use_tensorboard = tensorboard
         self.rows: list[dict[str, Any]] = []
+        self.records: dict[str, list[dict[str, Any]]] = {}
         self._tensorboard = None
 
     @property
@@ -72,24 +85,31 @@ class RunDir:
         }
         write_text_atomic(self.path / "meta.json", json.dumps(meta, indent=2) + "\n")
 
-    def resume(self, rows: list[dict[str, Any]]) -> None:
-        """Continue writing metrics after the epochs already recorded in the checkpoint."""
+    def resume(self, rows: list[dict[str, Any]], records: dict[str, list[dict[str, Any]]] | None = None) -> None:
+        """Continue writing metrics (and per-step records) after those saved in the checkpoint."""
         self.rows = list(rows)
+        self.records = {name: list(r) for name, r in (records or {}).items()}
+
+    def add_records(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Append per-step rows to <name>.csv (rewritten whole, like metrics.csv; rows also go to the checkpoint)."""
+        if not rows and name in self.records:
+            return
+        self.records.setdefault(name, []).extend(rows)
+        if self.enabled:
+            write_text_atomic(self.path / f"{name}.csv", _csv(self.records[name]))
+
+    def write_json(self, name: str, value: Any) -> None:
+        """<name>.json, written atomically."""
+        if self.enabled:
+            write_text_atomic(self.path / f"{name}.json", json.dumps(value, indent=1) + "\n")
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """Append one epoch's metrics to metrics.csv / metrics.jsonl and TensorBoard."""
         self.rows.append(row)
         if not self.enabled:
             return
-        columns: list[str] = []
-        for r in self.rows:
-            columns += [c for c in r if c not in columns]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(self.rows)
         # Rewritten whole each epoch: a new loss term gets its column without corrupting earlier rows.
-        write_text_atomic(self.path / "metrics.csv", buffer.getvalue())
+        write_text_atomic(self.path / "metrics.csv", _csv(self.rows))
         write_text_atomic(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
         if self.tensorboard is not None:
             for key, value in row.items():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 from pathlib import Path
@@ -20,6 +21,7 @@ from adakd.engine.loop import evaluate, train_one_epoch
 from adakd.engine.pretrain import freeze_pretrain_parts, pretrain
 from adakd.engine.optim import MultiStepSchedule, base_lr, build_optimizers
 from adakd.engine.runs import RunDir
+from adakd.data.split import endless, stratified_split, subset
 from adakd.strategies.base import LossWeights, Precision
 
 
@@ -119,6 +121,11 @@ class Trainer:
         seed_everything(config.seed, config.deterministic)
         device = self.dist.device
         self.train_set, self.test_set = load_data(config, "train"), load_data(config, "test")
+        strategy_cls = strategies.get(config.strategy.name)
+        full_targets = self.train_set.targets
+        self.split: dict[str, Any] | None = None
+        if getattr(strategy_cls, "needs_validation", False):
+            self._hold_out(strategy_cls)
         num_classes = self.train_set.num_classes
         self.input_shape = tuple(self.train_set[0][0].shape)
         self.batch = config.data.batch_size // self.dist.world_size
@@ -134,14 +141,14 @@ class Trainer:
         if config.task == "distill":
             teacher = models.frozen(build_model(config.teacher, num_classes, "teacher"))
             teacher.to(device, memory_format=memory_format)
+            # The full training set's targets: a held-out split keeps dataset indices, so CRD's rows cover both parts.
             distiller, student_spots, teacher_spots = build_distiller(
-                config, student, teacher, self.input_shape, self.train_set.targets)
+                config, student, teacher, self.input_shape, full_targets)
             distiller.to(device)
             freeze_pretrain_parts(distiller)
         self.student = student
         self.teacher, self.distiller, self.teacher_spots = teacher, distiller, teacher_spots
         weights = self._loss_weights(distiller)
-        strategy_cls = strategies.get(config.strategy.name)
         try:
             wrapped = distributed.wrap_student(student, self.dist, config.sync_bn)
         except ValueError as err:
@@ -168,13 +175,37 @@ class Trainer:
         self.train_loader = datasets.make_loader(self.train_set, self.batch, train=True, **loader_args)
         self.test_loader = datasets.make_loader(
             self.test_set, max(1, config.data.test_batch_size // self.dist.world_size), train=False, **loader_args)
-        self.strategy.attach(self.optimizers, self.precision, total_steps=config.optim.epochs * len(self.train_loader))
+        # A strategy bounded in iterations (ABL's search) runs as many epochs as they need.
+        max_steps = self.strategy.max_steps
+        self.epochs = math.ceil(max_steps / len(self.train_loader)) if max_steps else config.optim.epochs
+        self.strategy.attach(self.optimizers, self.precision, total_steps=self.epochs * len(self.train_loader))
         self.run = RunDir(run_path, enabled=self.dist.is_main, tensorboard=config.log.tensorboard)
         self.epoch, self.step, self.best = 0, 0, {"acc1": -1.0, "epoch": 0}
         if checkpoint is None:
             self.run.create(config)
+            if self.split is not None:
+                self.run.write_json("split", self.split)
         else:
             self._restore(checkpoint)
+        if self.split is not None:
+            # The held-out stream continues where the checkpoint left it: its position is the batches consumed.
+            val_loader = datasets.make_loader(
+                self.val_set, self.batch, train=True, device=device, seed=(config.seed + 4099) % 65536,
+                rank=self.dist.rank, world_size=self.dist.world_size, num_workers=config.data.num_workers)
+            self.strategy.attach_validation(endless(val_loader, self.strategy.validation_batches_used))
+
+    def _hold_out(self, strategy_cls) -> None:
+        """Split the training set, stratified by class, for a strategy that learns on a held-out part (§6.1)."""
+        fraction = float(self.config.strategy.args.get("val_fraction", 0.5))
+        try:
+            train_idx, held_idx = stratified_split(torch.as_tensor(self.train_set.targets), fraction,
+                                                   self.config.seed)
+        except ValueError as err:
+            raise ConfigError(f"strategy.args.val_fraction: {err}") from None
+        self.split = {"fraction": fraction, "seed": self.config.seed, "train": train_idx.tolist(),
+                      "held_out": held_idx.tolist()}
+        self.val_set = subset(self.train_set, held_idx)
+        self.train_set = subset(self.train_set, train_idx)
 
     def _loss_weights(self, distiller) -> LossWeights:
         c = self.config.distill.for_method()
@@ -209,7 +240,7 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.precision.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], dict(state["best"])
-        self.run.resume(state["history"])
+        self.run.resume(state["history"], state.get("records", {}))
         set_rng_state(state["rng"])
 
     def _checkpoint(self, history: list[dict]) -> dict[str, Any]:
@@ -227,6 +258,7 @@ class Trainer:
             "rng": rng_state(),
             "best": dict(self.best),
             "history": history,
+            "records": self.run.records,
             "config": to_dict(self.config),
         }
 
@@ -237,7 +269,7 @@ class Trainer:
         try:
             if self.epoch == 0 and self.distiller is not None and self.distiller.pretrain_epochs > 0:
                 self._pretrain(progress)
-            while self.epoch < cfg.optim.epochs:
+            while self.epoch < self.epochs and not self.strategy.should_stop():
                 epoch = self.epoch + 1
                 lr = self.schedule.start_epoch(epoch)
                 self.train_loader.set_epoch(epoch)
@@ -250,17 +282,22 @@ class Trainer:
                 self.step += len(self.train_loader)
                 test = evaluate(self.student.model, self.test_loader, self.precision)
                 row.update({f"test/{k}": v for k, v in test.items()})
+                row.update({f"test/{k}": v for k, v in self.strategy.evaluate(self.test_loader).items()})
                 self.epoch = epoch
                 if test["acc1"] > self.best["acc1"]:
                     self.best = {"acc1": test["acc1"], "acc5": test["acc5"], "epoch": epoch}
                 self.run.log_epoch(row)
+                for name, rows in self.strategy.drain_records().items():
+                    self.run.add_records(name, rows)
+                for name, value in self.strategy.artifacts().items():
+                    self.run.write_json(name, value)
                 if self.dist.is_main:
                     state = self._checkpoint(self.run.rows)
                     save_atomic(state, self.run.last_checkpoint)
                     if self.best["epoch"] == epoch:
                         save_atomic(state, self.run.best_checkpoint)
                     if progress:
-                        print(f"epoch {epoch}/{cfg.optim.epochs}  loss {row['train/loss']:.4f}  "
+                        print(f"epoch {epoch}/{self.epochs}  loss {row['train/loss']:.4f}  "
                               f"train {row['train/acc1']:.2f}%  test top-1 {test['acc1']:.2f}%  "
                               f"top-5 {test['acc5']:.2f}%  ({row['train/images_per_s']:.0f} img/s)", flush=True)
                 distributed.barrier()

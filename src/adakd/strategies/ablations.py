@@ -1,7 +1,8 @@
-"""The ablations of SAKD ([P] Tables VII-VIII; specs/sakd.md §11): always, random and none (anti is in sakd.py).
+"""The ablations of SAKD ([P] Tables VII-VIII; specs/sakd.md §11): always, random and none.
 
-None of them has a policy, adapters, a routing forward or an agent optimiser. The trainable-teacher ablation is
-not provided: the engine freezes the teacher by construction.
+None of them has a policy, adapters, a routing forward or an agent optimiser. Anti (`anti`, `anti-faithful`) and
+the trainable-teacher ablation (`sakd-trainable-teacher`, `sakd-faithful-trainable-teacher`, switch
+`teacher_trainable`) keep the adaptive step and live in sakd.py.
 """
 from __future__ import annotations
 

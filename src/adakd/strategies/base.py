@@ -58,7 +58,15 @@ class Strategy:
 
     The engine builds one optimiser per entry of `param_groups()` and hands them over with `attach`.
     Everything `training_step` returns is detached and stays on the device.
+
+    Optional protocol (defaults below do nothing): `needs_validation` asks the engine to hold out
+    `validation_fraction` of the training set and stream it through `attach_validation`; `max_steps` bounds the
+    run in iterations and `should_stop` ends it early; `evaluate`, `drain_records` and `artifacts` add test
+    metrics, per-step CSV rows and JSON files to the run directory.
     """
+
+    needs_validation: bool = False
+    max_steps: int | None = None
 
     def __init__(
         self,
@@ -119,6 +127,22 @@ class Strategy:
             self.distiller.load_state_dict(state["distiller"], strict=True)
         elif state.get("distiller"):
             raise ValueError("checkpoint holds distiller state but this run has no distiller")
+
+    def evaluate(self, loader) -> dict[str, float]:
+        """Extra test metrics (logged as test/<name>) beside the student's own accuracy."""
+        return {}
+
+    def drain_records(self) -> dict[str, list[dict[str, Any]]]:
+        """Per-step rows logged since the last call, by CSV file name."""
+        return {}
+
+    def artifacts(self) -> dict[str, Any]:
+        """JSON-serialisable objects to write as <name>.json after every epoch."""
+        return {}
+
+    def should_stop(self) -> bool:
+        """True when the strategy has finished before the configured epochs."""
+        return False
 
     @staticmethod
     def select(output: StagedOutput, spots: list[int], preact: bool = False) -> list[Tensor]:

@@ -4,11 +4,14 @@ A lightweight policy decides, per sample and per candidate spot, whether the stu
 policy (with adaptation layers) is trained through a routing ("graft") forward that mixes teacher and student
 segments by those decisions; the student is trained on CE plus the masked KD/KL terms. Implements the adakd
 specification specs/sakd.md (sections cited as §n); [P] is the paper, [C] the authors' code
-zju-vipa/spot-adaptive-pytorch. Presets: `sakd` follows [P], `sakd-faithful` reproduces [C], `anti` is the
-Anti ablation of [P] Table VII (masks inverted). The other ablations live in strategies/ablations.py.
+zju-vipa/spot-adaptive-pytorch. Presets: `sakd` follows [P], `sakd-faithful` reproduces [C], `anti` and
+`anti-faithful` are the Anti ablation of [P] Table VII (masks inverted), `sakd-trainable-teacher` and
+`sakd-faithful-trainable-teacher` the trainable-teacher ablation of Table VIII. The other ablations live in
+strategies/ablations.py.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from torch import Tensor, nn
 
 from adakd.distillers.base import masked_mean, spot_name
 from adakd.distillers.kd import kd_loss
+from adakd.models.layers import kaiming_init
 from adakd.models.staged import StagedModel, StagedOutput
 from adakd.strategies.adapters import build_adapter
 from adakd.strategies.base import LossWeights, Strategy
@@ -30,6 +34,8 @@ GUMBEL_EPS = 1e-20  # [C] models/gs.py
 DECISION_TAU = 5.0  # §13: the decision export samples at tau 5
 # [C] configs `classify_weight` on CIFAR-100 (§12); every other method uses 1, and Tiny-ImageNet uses 2 throughout.
 CIFAR100_ASYM_GAMMA = {"at": 2.0, "vid": 2.0, "rkd": 2.0}
+# [C] helper/util.py `adjust_learning_rate_stage_agent`: the agent lr is lr_agent / 100 below this epoch (§10).
+BOTH_SCRIPT_LOW_EPOCHS = 30
 
 
 def gumbel_noise(like: Tensor) -> Tensor:
@@ -78,6 +84,41 @@ def routing_loss(routed_ce: Tensor, student_ce: Tensor, logit_decisions: Tensor,
     hinge_value = torch.where(deficit > 0, deficit, torch.zeros_like(deficit))
     total = weight * routed + hinge_value if hinge else weight * routed
     return total, hinge_value
+
+
+def both_script_agent_lr(epoch: int, scheduled: float, full: float) -> float:
+    """The agent lr of [C] train_both.py at 1-based `epoch` (§10 `both_script`), from the standard schedule's value.
+
+    [C] sets lr_agent / 100 in epochs < 30, leaves it there until a milestone has passed, then sets
+    lr_agent * decay^passed, the standard value: a jump up to lr_agent / 10 at epoch 151 of the CIFAR recipe.
+    `scheduled` is this epoch's standard value (or this function's own earlier result) and `full` the undecayed
+    agent lr, so a value >= `full` means that no milestone has passed. With lr_decay 1 the lr stays at full / 100.
+    """
+    if epoch < BOTH_SCRIPT_LOW_EPOCHS or scheduled >= full:
+        return full / 100
+    return scheduled
+
+
+def redraw_weights(model: nn.Module) -> None:
+    """Random weights for a "scratch" teacher (§11): every layer's own reset, then the zoo's He-normal convs, unit BN.
+
+    BatchNorm running statistics restart too. The few classifier-specific draws of some zoo builders (VGG's and
+    MobileNetV2's N(0, 0.01) classifier, WRN's zero fc bias) are not repeated: they keep PyTorch's default.
+    """
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    kaiming_init(model)
+
+
+def average_across_ranks(params: list[Tensor]) -> None:
+    """Average the gradients of parameters that no DDP wrapper synchronises (SAKD's agent, a trained teacher)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= dist.get_world_size()
 
 
 @dataclass(frozen=True)
@@ -166,6 +207,10 @@ class SpotMasked(Strategy):
         self.teacher_preact = bool(getattr(distiller, "teacher_preact", False))
         # The engine freezes pre-trained distiller parts before it builds the strategy, so this list is final.
         self.head_params = [p for p in distiller.trainable_parameters() if p.requires_grad]
+        # Set by SAKD's trainable-teacher ablation: the KL term reaches the teacher, whose parameters (outside
+        # DDP) the student step trains and averages across ranks by hand.
+        self.teacher_learns = False
+        self.unsynced_params: list[nn.Parameter] = []
 
     def decision_names(self) -> list[str]:
         """Spot names of the K decisions, the last being "logits"."""
@@ -186,8 +231,9 @@ class SpotMasked(Strategy):
         )
         terms.update({name: self.weights.method * value for name, value in named.items()})
         if self.weights.kl > 0:
-            kl = masked_mean(kd_loss(logits, teacher_out.features[-1], self.weights.temperature), masks[:, -1])
-            terms["kl"] = self.weights.kl * kl
+            kl = kd_loss(logits, teacher_out.features[-1], self.weights.temperature,
+                         detach_teacher=not self.teacher_learns)
+            terms["kl"] = self.weights.kl * masked_mean(kl, masks[:, -1])
         return terms
 
     @property
@@ -214,6 +260,7 @@ class SpotMasked(Strategy):
         optimizer = self.optimizers["main"]
         optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss + self.head_anchor())
+        average_across_ranks(self.unsynced_params)
         self.precision.step(optimizer)
         return loss
 
@@ -256,23 +303,53 @@ class SAKDOptions:
     """Agent weight decay ([C] train.py, §10)."""
     invert_masks: bool = False
     """Anti ablation ([P] Table VII, [C] train_reverse.py): KD/KL apply where d = 0; the policy trains unchanged."""
+    teacher_trainable: bool = False
+    """Trainable-teacher ablation ([P] Table VIII "Pre-trained†", [C] train_both.py, §11): the teacher trains with
+    the student, in train mode and in the student optimiser ("main"); its forward keeps gradients, the KD and KL
+    terms reach it (teacher tensors not detached) and it learns its own CE term ("teacher_ce"). It runs in eval
+    mode inside the routing forward, as the student does; its weights are checkpointed with the strategy."""
+    teacher_init: str = "pretrained"
+    """"pretrained": the engine's teacher weights; "scratch": redrawn at random before training ([P] Table VIII
+    "Scratch†"; not in [C], whose loader always reads a checkpoint). Needs `teacher_trainable`."""
+    teacher_train_student_loss: str = "standard"
+    """Trainable teacher only: "standard": L_S = ce (CE(z_s) + CE(z_t)) + KL + KD (adakd reading of [P]);
+    "both_script": [C] train_both.py multiplies both CE terms by gamma_r."""
+    teacher_train_routing_loss: str = "standard"
+    """Trainable teacher only: "standard": the routing loss of the other switches (beta_3 CE(out) in the paper
+    preset); "both_script": gamma_r CE(out), no asymmetry, no hinge ([C] train_both.py)."""
+    teacher_train_agent_lr: str = "standard"
+    """Trainable teacher only: "standard": the schedule of §10; "both_script": lr_agent / 100 until a milestone
+    has passed, then the standard value ([C] helper/util.py, §10; see `both_script_agent_lr`)."""
+    teacher_train_bias_init: float = 0.0
+    """Trainable teacher only: replaces `policy_bias_init` (still only when `homo`); [C] train_both.py applies none."""
 
     def __post_init__(self) -> None:
         choices = {"gumbel_tau_schedule": ("exp", "constant"), "adapter": ("conv1x1", "convreg"),
-                   "adapter_bn_mode": ("train", "eval")}
+                   "adapter_bn_mode": ("train", "eval"), "teacher_init": ("pretrained", "scratch"),
+                   "teacher_train_student_loss": ("standard", "both_script"),
+                   "teacher_train_routing_loss": ("standard", "both_script"),
+                   "teacher_train_agent_lr": ("standard", "both_script")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"strategy option {name} must be one of {allowed}, not {getattr(self, name)!r}")
         if not (0 < self.gumbel_tau_min <= self.gumbel_tau):
             raise ValueError("strategy options need 0 < gumbel_tau_min <= gumbel_tau")
+        if self.teacher_init == "scratch" and not self.teacher_trainable:
+            raise ValueError("strategy option teacher_init=scratch needs teacher_trainable=true (a frozen random "
+                             "teacher teaches nothing); use strategy=sakd-trainable-teacher")
+
+    def both_script(self, switch: str) -> bool:
+        """Whether a trainable-teacher switch (`teacher_train_*`) is set to "both_script" and in effect."""
+        return self.teacher_trainable and getattr(self, switch) == "both_script"
 
 
 @register_strategy("sakd")
 class SAKD(SpotMasked):
     """Spot-adaptive KD, paper preset: per-sample, per-spot routing decisions trained by a routing forward.
 
-    Parameter groups: "main" (student + distiller heads) and "agent" (policy + adapters, half lr, wd 1e-3).
-    The step's "loss" is the student loss L_S; the routing loss is logged as "sakd/route_total".
+    Parameter groups: "main" (student + distiller heads, + the teacher when `teacher_trainable`) and "agent"
+    (policy + adapters, half lr, wd 1e-3). The step's "loss" is the student loss L_S; the routing loss is logged
+    as "sakd/route_total".
     """
 
     option_class = SAKDOptions
@@ -295,34 +372,63 @@ class SAKD(SpotMasked):
             "teacher_to_student": nn.ModuleList(
                 build_adapter(opts.adapter, teacher_shapes[t], student_shapes[s]) for s, t in pairs),
         })
-        if opts.homo and opts.policy_bias_init:
+        bias = opts.teacher_train_bias_init if opts.teacher_trainable else opts.policy_bias_init
+        if opts.homo and bias:
             with torch.no_grad():  # [C] edits the leaf in place outside no-grad, an error since PyTorch 1.8
-                self.policy.bias[0::2] += opts.policy_bias_init
+                self.policy.bias[0::2] += bias
         reference = next(self.student_module.parameters())
         self.policy.to(reference.device, reference.dtype)
         self.adapters.to(reference.device, reference.dtype)
         self.agent_params = list(self.policy.parameters()) + list(self.adapters.parameters())
+        self.agent_full_lr: list[float] = []
         gamma = opts.routing_asym_gamma
         self.asym_gamma = CIFAR100_ASYM_GAMMA.get(distiller.name, 1.0) if gamma is None else float(gamma)
+        if opts.teacher_trainable:
+            # The engine hands over a frozen view; this ablation trains an unfrozen view of the same modules.
+            # After the policy and adapters, so that those draw the same initial weights as without it.
+            self.teacher = StagedModel(teacher.model)
+            if opts.teacher_init == "scratch":
+                redraw_weights(self.teacher.model)
+            self.teacher.model.requires_grad_(True)
+            self.teacher_learns = True
+            self.distiller.detach_teacher = False
+            self.unsynced_params = list(self.teacher.model.parameters())
+
+    @property
+    def ce_weight(self) -> float:
+        """Weight of each CE term: x gamma_r under `teacher_train_student_loss=both_script` ([C] train_both.py)."""
+        gamma = self.asym_gamma if self.options.both_script("teacher_train_student_loss") else 1.0
+        return self.weights.ce * gamma
 
     def param_groups(self) -> dict[str, Any]:
-        """The student group ("main", as in Standard) and the agent group with its own lr scale and decay."""
+        """The student group ("main", as in Standard, with a trained teacher) and the agent group (own lr, decay)."""
         groups = super().param_groups()
+        groups["main"] = groups["main"] + self.unsynced_params
         groups["agent"] = {"params": self.agent_params, "lr_scale": self.options.agent_lr_scale,
                            "weight_decay": self.options.agent_weight_decay}
         return groups
 
+    def attach(self, optimizers: dict[str, torch.optim.Optimizer], precision, total_steps: int = 1) -> None:
+        """Strategy.attach, noting the agent's undecayed lr (freshly built optimisers hold it) for both_script."""
+        super().attach(optimizers, precision, total_steps)
+        agent = optimizers.get("agent")
+        self.agent_full_lr = [group["lr"] for group in agent.param_groups] if agent is not None else []
+
     def train(self, mode: bool = True) -> None:
-        """Student, distiller, policy and adapters follow `mode`; the teacher stays in eval."""
+        """Student, distiller, policy and adapters follow `mode`; the teacher stays in eval unless it trains."""
         super().train(mode)
         self.policy.train(mode)
         self.adapters.train(mode)
+        if self.teacher_learns:
+            self.teacher.train(mode)
 
     def state_dict(self) -> dict[str, Any]:
-        """Distiller heads, policy and adapters ([C] saves no adapters; exact resume needs them, §13)."""
+        """Distiller heads, policy, adapters ([C] saves no adapters; exact resume needs them, §13), trained teacher."""
         state = super().state_dict()
         state["policy"] = self.policy.state_dict()
         state["adapters"] = self.adapters.state_dict()
+        if self.teacher_learns:
+            state["teacher"] = self.teacher.model.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -330,6 +436,16 @@ class SAKD(SpotMasked):
         super().load_state_dict(state)
         self.policy.load_state_dict(state["policy"], strict=True)
         self.adapters.load_state_dict(state["adapters"], strict=True)
+        if self.teacher_learns:
+            self.teacher.model.load_state_dict(state["teacher"], strict=True)
+        elif "teacher" in state:
+            raise ValueError("checkpoint holds a trained teacher but this run's teacher is frozen; resume it with "
+                             "strategy.args.teacher_trainable=true")
+
+    def set_agent_lr(self, epoch: int) -> None:
+        """Apply `teacher_train_agent_lr=both_script` over the lr that the engine's schedule set for `epoch`."""
+        for group, full in zip(self.optimizers["agent"].param_groups, self.agent_full_lr):
+            group["lr"] = both_script_agent_lr(epoch, group["lr"], full)
 
     def tau(self, step: int) -> float:
         """Gumbel temperature at a 0-based global step."""
@@ -341,12 +457,18 @@ class SAKD(SpotMasked):
         inputs = torch.cat([teacher_out.features[-2].detach(), student_out.features[-2].detach()], dim=1)
         return self.policy(inputs).view(inputs.shape[0], self.layout.num_decisions, 2)
 
-    def route(self, images: Tensor, decisions: Tensor) -> Tensor:
-        """The routing ("graft") forward of §7.1: logits of the network mixed per sample by `decisions` [B, K]."""
+    def route(self, images: Tensor, decisions: Tensor, teacher_out: StagedOutput | None = None) -> Tensor:
+        """The routing ("graft") forward of §7.1: logits of the network mixed per sample by `decisions` [B, K].
+
+        `teacher_out`, the frozen teacher's forward on the same `images`, supplies the output of the teacher's
+        first segment instead of running it again (the same eval-mode computation, so the same numbers).
+        """
         student, teacher = self.student_module, self.teacher
-        was_training = student.training
+        was_training, teacher_was_training = student.training, teacher.training
         if self.options.student_eval_in_routing:
             student.eval()
+        if self.teacher_learns:  # [C] train_both.py routes through the teacher in eval mode, as through the student
+            teacher.eval()
         self.adapters.train(self.options.adapter_bn_mode == "train")
         to_teacher, to_student = self.adapters["student_to_teacher"], self.adapters["teacher_to_student"]
         last = self.layout.num_decisions - 1
@@ -354,10 +476,16 @@ class SAKD(SpotMasked):
         try:
             for k, ((b_s, e_s), (b_t, e_t)) in enumerate(zip(self.layout.student_segments,
                                                              self.layout.teacher_segments)):
-                o_s = student(u_s, b_s, e_s).features[-1]
-                # The unbound StagedModel forward skips the teacher's no-grad: adapters upstream need gradients
-                # through the teacher's segments (its weights still get none: they do not require grad).
-                o_t = StagedModel.forward(teacher, u_t, b_t, e_t).features[-1]
+                # Nothing upstream of the first segments is trained by the routing loss, so they need no graph;
+                # from the second on, the adapters upstream need gradients through both networks' segments.
+                with torch.no_grad() if k == 0 else contextlib.nullcontext():
+                    o_s = student(u_s, b_s, e_s).features[-1]
+                    if k == 0 and teacher_out is not None and not self.teacher_learns:
+                        o_t = teacher_out.features[e_t]
+                    else:
+                        # The unbound StagedModel forward skips the frozen teacher's no-grad; its weights still get
+                        # no gradient: they do not require grad.
+                        o_t = StagedModel.forward(teacher, u_t, b_t, e_t).features[-1]
                 d = decisions[:, k].to(o_s.dtype).view(-1, *([1] * (o_s.dim() - 1)))
                 if k == last:
                     return (1 - d) * o_s + d * o_t
@@ -365,7 +493,25 @@ class SAKD(SpotMasked):
                 u_s = (1 - d) * o_s + d * to_student[k](o_t)
         finally:
             student.train(was_training)
+            if self.teacher_learns:
+                teacher.train(teacher_was_training)
         raise AssertionError("unreachable: the last segment returns")
+
+    def route_loss(self, route_ce: Tensor, student_ce: Tensor, logit_decisions: Tensor) -> tuple[Tensor, Tensor]:
+        """(L_route, hinge value): §7 step 7 with this run's switches, or [C] train_both.py's gamma_r CE(out)."""
+        opts = self.options
+        if opts.both_script("teacher_train_routing_loss"):
+            return routing_loss(route_ce, student_ce, logit_decisions, weight=self.asym_gamma)
+        return routing_loss(route_ce, student_ce, logit_decisions, opts.routing_weight, self.asym_gamma,
+                            opts.routing_hinge)
+
+    def student_terms(self, student_out: StagedOutput, teacher_out: StagedOutput, targets: Tensor,
+                      indices: Tensor, epoch: int, masks: Tensor) -> dict[str, Tensor]:
+        """SpotMasked's terms, plus the trained teacher's own CE ("teacher_ce", weighted like the student's)."""
+        terms = super().student_terms(student_out, teacher_out, targets, indices, epoch, masks)
+        if self.teacher_learns:
+            terms["teacher_ce"] = self.ce_weight * F.cross_entropy(teacher_out.features[-1].float(), targets)
+        return terms
 
     def masks_from(self, decisions: Tensor) -> Tensor:
         """Float 0/1 student-loss masks [B, K] from hard decisions (inverted for the Anti ablation)."""
@@ -380,18 +526,16 @@ class SAKD(SpotMasked):
         params = self.agent_params
         optimizer.zero_grad(set_to_none=True)
         self.precision.scaler.scale(loss).backward(inputs=params)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # The agent is not wrapped in DDP: average its gradients here so every rank keeps the same policy.
-            for param in params:
-                if param.grad is not None:
-                    dist.all_reduce(param.grad)
-                    param.grad /= dist.get_world_size()
+        average_across_ranks(params)  # the agent is not wrapped in DDP; every rank must keep the same policy
         self.precision.step(optimizer, update=False)  # the student step that follows updates the loss scale
 
     def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
                       step: int = 0) -> dict[str, Tensor]:
         """§7 in order: teacher, student, policy + Gumbel, masked student terms, routing, agent then student step."""
         tau = self.tau(step)
+        both_script_lr = self.options.both_script("teacher_train_agent_lr")
+        if both_script_lr:
+            self.set_agent_lr(epoch)
         with self.precision.autocast():
             teacher_out = self.teacher(images, preact=self.teacher_preact)
             student_out = self.student(images, preact=self.student_preact)
@@ -399,11 +543,10 @@ class SAKD(SpotMasked):
             decisions = gumbel_softmax_st(policy_logits, tau)[..., 0]
             masks = self.masks_from(decisions)
             terms = self.student_terms(student_out, teacher_out, targets, indices, epoch, masks)
-            routed = self.route(images, decisions)
+            routed = self.route(images, decisions, teacher_out)
             route_ce = F.cross_entropy(routed.float(), targets)
             student_ce = F.cross_entropy(student_out.features[-1].detach().float(), targets)
-            route_total, hinge = routing_loss(route_ce, student_ce, decisions[:, -1], self.options.routing_weight,
-                                              self.asym_gamma, self.options.routing_hinge)
+            route_total, hinge = self.route_loss(route_ce, student_ce, decisions[:, -1])
         self.agent_update(route_total)
         loss = self.student_update(terms)
         out = {name: value.detach() for name, value in terms.items()}
@@ -414,6 +557,10 @@ class SAKD(SpotMasked):
         out["sakd/route_total"] = route_total.detach()
         out["sakd/hinge"] = hinge.detach()
         out["gumbel/tau"] = torch.full((), tau, device=loss.device)
+        if both_script_lr:  # the engine logs lr/agent before the first step overrides it
+            out["sakd/agent_lr"] = torch.full((), self.optimizers["agent"].param_groups[0]["lr"], device=loss.device)
+        if self.teacher_learns:
+            out["sakd/teacher_acc1"] = 100 * (teacher_out.features[-1].detach().argmax(dim=1) == targets).float().mean()
         out["loss"] = loss.detach()
         out["correct"] = (student_out.features[-1].detach().argmax(dim=1) == targets).sum()
         return out
@@ -424,17 +571,19 @@ class SAKD(SpotMasked):
 
         d = 1 means "routed to the teacher" (distilled in adaptive runs); masks are not inverted here.
         """
-        student = self.student_module
-        modes = (student.training, self.policy.training)
+        student, teacher = self.student_module, self.teacher
+        modes = (student.training, self.policy.training, teacher.training)
         student.eval()
         self.policy.eval()
+        teacher.eval()
         try:
-            logits = self.policy_logits(self.teacher(images), student(images)).float()
+            logits = self.policy_logits(teacher(images), student(images)).float()
             decisions = gumbel_softmax_st(logits, DECISION_TAU)[..., 0] > 0.5
             return decisions.to(logits.dtype), logits.softmax(dim=-1)[..., 0]
         finally:
             student.train(modes[0])
             self.policy.train(modes[1])
+            teacher.train(modes[2])
 
 
 @register_strategy("sakd-faithful")
@@ -443,7 +592,10 @@ class SAKDFaithful(SAKD):
     conv-BN-ReLU adapters (§9)."""
 
     preset = {"gumbel_tau_schedule": "constant", "policy_bias_init": 10.0, "routing_asym_gamma": None,
-              "routing_hinge": True, "adapter": "convreg"}
+              "routing_hinge": True, "adapter": "convreg",
+              # In effect only with teacher_trainable ([C] train_both.py, §9).
+              "teacher_train_student_loss": "both_script", "teacher_train_routing_loss": "both_script",
+              "teacher_train_agent_lr": "both_script"}
 
 
 @register_strategy("anti")
@@ -451,3 +603,28 @@ class Anti(SAKD):
     """Anti ablation ([P] Table VII): the adaptive step with every student mask inverted (§11)."""
 
     preset = {"invert_masks": True}
+
+
+@register_strategy("anti-faithful")
+class AntiFaithful(SAKDFaithful):
+    """Anti on the released code's switches ([C] train_reverse.py): sakd-faithful with every student mask inverted."""
+
+    preset = {**SAKDFaithful.preset, "invert_masks": True}
+
+
+@register_strategy("sakd-trainable-teacher")
+class SAKDTrainableTeacher(SAKD):
+    """[P] Table VIII "Pre-trained†" on the paper's switches: the teacher trains with the student (§11).
+
+    `strategy.args.teacher_init=scratch` gives "Scratch†".
+    """
+
+    preset = {"teacher_trainable": True}
+
+
+@register_strategy("sakd-faithful-trainable-teacher")
+class SAKDFaithfulTrainableTeacher(SAKDFaithful):
+    """[C] train_both.py: sakd-faithful with a trained teacher, gamma_r on both CE terms and on the routing CE (no
+    asymmetry, no hinge), no policy bias, the both_script agent lr (§9, §11)."""
+
+    preset = {**SAKDFaithful.preset, "teacher_trainable": True}

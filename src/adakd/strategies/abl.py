@@ -1,0 +1,916 @@
+"""ABL: adaptive block-wise learning for knowledge distillation (ICLR 2023 submission, OpenReview 8XfHh4XSQ0Q).
+
+Each non-last student block l descends p1(l) * alpha * (its local error, from an auxiliary head on its output with
+the block input held constant) + p2(l) * beta * (the global teacher error, ordinary backprop of the KD loss), with
+p(l) = softmax(gamma(l)); the error passed down to lower blocks is the pure teacher error. Stage 1 (`abl-search`)
+learns gamma by bilevel optimisation on a held-out split; stage 2 (`abl`) retrains from scratch with p fixed.
+Implements the adakd specification specs/abl.md (sections cited as §n).
+
+Gradient routing is the spec's scheme B (§3.3), exact like scheme A: one forward with an identity "boundary" at
+every block input, then two backward calls on the same graph. The KD call lets gradients cross the boundaries
+(b_l for every block, the distiller heads' e); the student call stops them there (a_l with each block's input held
+constant, the heads' c_l). Two autograd calls instead of scheme A's 2L, and no forward is repeated, so BatchNorm
+sees each batch once.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adakd.distillers.kd import kd_loss
+from adakd.models.staged import StagedModel, StagedOutput, forward_with_preact
+from adakd.strategies.abl_heads import AUX_KINDS, build_aux_heads
+from adakd.strategies.base import LossWeights, Strategy
+from adakd.strategies.registry import register_strategy
+
+HYPERGRADS = ("exact", "fd_blockwise")
+VAL_OBJECTIVES = ("kd_total", "ce", "composite")
+
+
+@dataclass(frozen=True)
+class ABLOptions:
+    """Every ABL knob; the defaults are the spec's one-line default configuration (§12)."""
+
+    input_size: int = 32  # filled in by the engine from the data; the heads are built from measured block shapes
+    aux_type: str = "aux3"
+    aux_width: int | None = None
+    aux_final_dim: int | None = None
+    # "weighted" scales the head update by p1 * alpha ([S]'s coupling, §12 row 3); the paper's Eq. 8 does not.
+    aux_grad: str = "unweighted"
+    group_by_stage: bool = False  # one block per stage, for deep thin students (§2 rule 2)
+    # Stage 2: where p comes from (exactly one, for `abl`): a search run (its folder or gamma.json), gamma, or p1.
+    gamma_from: str | None = None
+    gamma: tuple | None = None
+    p1: tuple | None = None
+    random_resample: bool = False  # abl-random: draw p1 ~ U(0, 1) again every iteration
+    eval_heads: bool = True  # test accuracy of every auxiliary head per epoch (Fig. 4c, Fig. 6)
+    # Stage 1 (abl-search).
+    warm_steps: int = 40_000
+    meta_steps: int = 10_000
+    meta_every: int = 1
+    hypergrad: str = "exact"
+    val_objective: str = "kd_total"
+    val_bn: str = "train"  # "train": batch statistics, buffers restored afterwards; "eval": running statistics
+    val_fraction: float = 0.5
+    meta_lr: float = 3e-4
+    meta_betas: tuple = (0.5, 0.999)
+    meta_weight_decay: float = 1e-3
+    meta_grad_clip: float | None = None
+    fd_xi: float = 0.01  # fd_blockwise: xi = fd_xi / ||v|| (the paper's footnote)
+    early_stop_delta: float = 0.01
+    early_stop_window: int = 2000
+    log_every: int = 100
+
+
+def check_options(opts: ABLOptions) -> None:
+    """Reject out-of-range options with the allowed values."""
+    choices = {"aux_type": AUX_KINDS, "aux_grad": ("unweighted", "weighted"), "hypergrad": HYPERGRADS,
+               "val_objective": VAL_OBJECTIVES, "val_bn": ("train", "eval")}
+    for name, allowed in choices.items():
+        if getattr(opts, name) not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(opts, name)!r}")
+    if not 0.0 < opts.val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {opts.val_fraction}")
+    for name in ("warm_steps", "meta_steps", "early_stop_window"):
+        if getattr(opts, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(opts, name)}")
+    for name in ("meta_every", "log_every"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(opts, name)}")
+    if opts.meta_lr <= 0 or opts.fd_xi <= 0:
+        raise ValueError("meta_lr and fd_xi must be > 0")
+
+
+# --------------------------------------------------------------------------------------------------- routing
+
+
+class _Gate:
+    """Whether gradients cross block boundaries: open for the KD call, closed for the student call."""
+
+    open: bool = True
+
+
+class _Boundary(torch.autograd.Function):
+    """Identity forward; backward passes the gradient to the block below only while the gate is open."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gate: _Gate) -> Tensor:
+        ctx.gate = gate
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (grad if ctx.gate.open else None), None
+
+
+def block_plan(staged: StagedModel, group_by_stage: bool = False) -> list[list[tuple[int, nn.Module, bool]]]:
+    """ABL blocks as lists of (stage index, module, ends its stage), in the partition of `StagedModel.blocks()`."""
+    stages = staged.stages
+    groups: list[list[tuple[int, nn.Module, bool]]] = []
+    pending: list[tuple[int, nn.Module, bool]] = []
+    for index, stage in enumerate(stages[:-2]):
+        units = [(index, module, k == len(stage.blocks) - 1) for k, module in enumerate(stage.blocks)]
+        if stage.merge_into_next_block:
+            pending.extend(units)
+        elif group_by_stage:
+            groups.append(pending + units)
+            pending = []
+        else:
+            for unit in units:
+                groups.append(pending + [unit])
+                pending = []
+    tail = [(i, m, k == len(stages[i].blocks) - 1) for i in (len(stages) - 2, len(stages) - 1)
+            for k, m in enumerate(stages[i].blocks)]
+    groups[-1].extend(pending + tail)
+    return groups
+
+
+@dataclass
+class BlockForward:
+    """One forward of the student block by block: stage features, block inputs (detached) and outputs."""
+
+    output: StagedOutput
+    block_inputs: list[Tensor]
+    block_outputs: list[Tensor]
+
+
+def forward_blocks(staged: StagedModel, plan, x: Tensor, preact: bool, gate: _Gate, start: int = 0,
+                   cached: StagedOutput | None = None) -> BlockForward:
+    """Run blocks `start..L` on `x` (block `start`'s input); stages ending below `start` come from `cached`."""
+    stages = staged.stages
+    features: list[Tensor | None] = list(cached.features) if cached is not None else [None] * len(stages)
+    preacts: list[Tensor | None] = list(cached.preacts) if cached is not None else [None] * len(stages)
+    inputs, outputs = [], []
+    for l in range(start, len(plan)):
+        inputs.append(x.detach())
+        if l > 0:
+            x = _Boundary.apply(x, gate)
+        for stage_index, module, ends_stage in plan[l]:
+            if ends_stage and preact and stages[stage_index].has_preact:
+                x, pre = forward_with_preact(module, x)
+            else:
+                x = module(x)
+                pre = x
+            if ends_stage:
+                features[stage_index], preacts[stage_index] = x, pre
+        outputs.append(x)
+    return BlockForward(StagedOutput(features, preacts), inputs, outputs)
+
+
+def sgd_next(param: Tensor, grad: Tensor, group: dict, state: dict) -> tuple[Tensor, float]:
+    """(w', dw'/dg) of one `torch.optim.SGD` step from `grad`, without touching the optimiser (§6.3 step 2)."""
+    lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
+    step = grad + group["weight_decay"] * param if group["weight_decay"] else grad
+    jacobian = 1.0
+    if momentum:
+        buffer = state.get("momentum_buffer")
+        if buffer is None:
+            buffer = step
+        else:
+            buffer = momentum * buffer + (1 - dampening) * step
+            jacobian = 1 - dampening
+        if group["nesterov"]:
+            step = step + momentum * buffer
+            jacobian = 1 + momentum * jacobian
+        else:
+            step = buffer
+    if group.get("maximize"):
+        raise ValueError("ABL's virtual step does not support SGD(maximize=True)")
+    return param - lr * step, lr * jacobian
+
+
+@contextlib.contextmanager
+def preserved(modules: list[nn.Module], params: list[Tensor] | None = None) -> Iterator[None]:
+    """Restore the BatchNorm statistics inside `modules` and `params` bit for bit on exit.
+
+    Only BatchNorm buffers: CRD's memory banks keep the rows a validation forward writes (the validation samples'
+    own rows, which the training split reads only as negatives), so validation positives are real embeddings.
+    """
+    buffers = [b for m in modules for sub in m.modules() if isinstance(sub, nn.modules.batchnorm._BatchNorm)
+               for b in sub.buffers()]
+    saved_buffers = [b.clone() for b in buffers]
+    params = params or []
+    saved_params = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved_buffers):
+                b.copy_(s)
+            for p, s in zip(params, saved_params):
+                p.copy_(s)
+
+
+def _average_across_ranks(tensors: list[Tensor]) -> None:
+    """All-reduce mean in place (one flat buffer); a no-op without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy in at least float32 (autocast's half-precision logits are upcast; float64 stays float64)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, targets)
+
+
+def _broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's BatchNorm statistics to every rank before a forward, as DDP's broadcast_buffers does."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, 0)
+
+
+@dataclass
+class Components:
+    """The per-block gradient parts of §1 at the current weights, and the loss values (detached)."""
+
+    a: list[list[Tensor | None]]  # alpha * local student error, per block, per parameter
+    b: list[list[Tensor | None]]  # beta * teacher error (ordinary backprop of beta * K)
+    c: list[list[Tensor | None]]  # auxiliary heads (unweighted local CE), per non-last block
+    e: list[Tensor | None]  # distiller heads
+    terms: dict[str, Tensor]
+    logits: Tensor
+    forward: BlockForward
+    teacher_out: StagedOutput
+    batch: tuple[Tensor, Tensor, int]  # targets, indices and epoch of the training batch (for §6.6)
+
+
+# --------------------------------------------------------------------------------------------------- strategies
+
+
+class ABLBase(Strategy):
+    """The ABL step (§3) with p from `initial_p`; subclasses choose p and may add the bilevel search."""
+
+    option_class: ClassVar[type] = ABLOptions
+    preset: ClassVar[dict[str, Any]] = {}
+    uses_heads: ClassVar[bool] = True
+
+    def __init__(self, student: nn.Module, teacher: StagedModel | None, distiller, weights: LossWeights,
+                 student_spots: list[int] | None = None, teacher_spots: list[int] | None = None,
+                 **options: Any) -> None:
+        known = {f.name for f in dataclasses.fields(ABLOptions)}
+        chosen = {**self.preset, **{k: options.pop(k) for k in list(options) if k in known}}
+        super().__init__(student, teacher, distiller, weights, student_spots, teacher_spots, **options)
+        for key in ("gamma", "p1", "meta_betas"):
+            if isinstance(chosen.get(key), list):
+                chosen[key] = tuple(tuple(v) if isinstance(v, list) else v for v in chosen[key])
+        self.options = ABLOptions(**chosen)
+        check_options(self.options)
+        if teacher is None or distiller is None:
+            raise ValueError(f"{type(self).__name__} needs a teacher and a distiller (task=distill)")
+        # Gradients are assembled by hand, so the steps run on the bare model; DDP is replaced by explicit averaging.
+        self.student_module: StagedModel = getattr(student, "module", student)
+        self.student_preact = bool(getattr(distiller, "student_preact", False))
+        self.teacher_preact = bool(getattr(distiller, "teacher_preact", False))
+        self.plan = block_plan(self.student_module, self.options.group_by_stage)
+        self.num_blocks = len(self.plan)
+        if self.num_blocks < 2:
+            raise ValueError(f"ABL needs at least 2 blocks; {type(self.student_module.model).__name__} has "
+                             f"{self.num_blocks}")
+        self.block_names = [f"block{l + 1}" for l in range(self.num_blocks)]
+        self.block_params = [self._params_of(units) for units in self.plan]
+        owned = {id(p) for params in self.block_params for p in params}
+        missing = [n for n, p in self.student_module.named_parameters() if p.requires_grad and id(p) not in owned]
+        if missing:
+            raise ValueError(f"student parameters outside every ABL block: {missing[:5]}")
+        self.gate = _Gate()
+        reference = next(self.student_module.parameters())
+        self.heads = nn.ModuleList()
+        if self.uses_heads:
+            shapes = self._block_shapes()
+            num_classes = shapes[-1][0]
+            self.heads = build_aux_heads(self.options.aux_type, shapes[:-1], num_classes, self.options.aux_width,
+                                         self.options.aux_final_dim)
+            self.heads.to(reference.device, reference.dtype)
+        self.head_params = [list(h.parameters()) for h in self.heads]
+        self.distiller_params = [p for p in distiller.trainable_parameters() if p.requires_grad]
+        self.p = self.initial_p().to(reference.device)
+        self.val_batches: Iterator | None = None
+
+    @staticmethod
+    def _params_of(units) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for _, module, _ in units:
+            for p in module.parameters():
+                if p.requires_grad:
+                    seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    @torch.no_grad()
+    def _block_shapes(self) -> list[tuple[int, ...]]:
+        modes = [(m, m.training) for m in self.student_module.modules()]
+        self.student_module.eval()
+        try:
+            ref = next(self.student_module.parameters())
+            size = self.options.input_size
+            dummy = torch.zeros(1, 3, size, size, dtype=ref.dtype, device=ref.device)
+            out = forward_blocks(self.student_module, self.plan, dummy, False, self.gate)
+            return [tuple(h.shape[1:]) for h in out.block_outputs]
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    # ---- p
+    def initial_p(self) -> Tensor:
+        """p [L - 1, 2] (column 0 = student weight p1) used by the step."""
+        raise NotImplementedError
+
+    def p_from_p1(self, p1: list[float] | Tensor) -> Tensor:
+        """Stack (p1, 1 - p1) after checking there is one value per non-last block in [0, 1]."""
+        p1 = torch.as_tensor(p1, dtype=torch.float32).flatten()
+        if p1.numel() != self.num_blocks - 1:
+            raise ValueError(f"ABL needs {self.num_blocks - 1} student weights (one per non-last block of "
+                             f"{type(self.student_module.model).__name__}), got {p1.numel()}")
+        if bool(((p1 < 0) | (p1 > 1)).any()):
+            raise ValueError(f"student weights p1 must lie in [0, 1], got {p1.tolist()}")
+        return torch.stack([p1, 1 - p1], dim=1)
+
+    def current_p(self) -> Tensor:
+        """p of this step."""
+        return self.p
+
+    # ---- engine hooks
+    def param_groups(self) -> dict[str, Any]:
+        """Student, auxiliary heads and distiller heads all learn with the student's SGD ("main")."""
+        groups = super().param_groups()
+        groups["main"] = groups["main"] + [p for params in self.head_params for p in params]
+        return groups
+
+    def train(self, mode: bool = True) -> None:
+        """Student, distiller and heads follow `mode`; the teacher stays in eval."""
+        super().train(mode)
+        self.heads.train(mode)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Distiller parts, auxiliary heads and p."""
+        state = super().state_dict()
+        state["heads"] = self.heads.state_dict()
+        state["p"] = self.p.detach().cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` strictly."""
+        super().load_state_dict(state)
+        self.heads.load_state_dict(state["heads"], strict=True)
+        if tuple(state["p"].shape) != tuple(self.p.shape):
+            raise ValueError(f"checkpoint p has shape {tuple(state['p'].shape)}, this student needs "
+                             f"{tuple(self.p.shape)}")
+        self.p = state["p"].to(self.p.device)
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict[str, float]:
+        """Test accuracy (%) of every auxiliary head: `block_acc/blockK` (Fig. 4c, Fig. 6)."""
+        if not (self.options.eval_heads and len(self.heads)):
+            return {}
+        modes = [(m, m.training) for m in list(self.student_module.modules()) + list(self.heads.modules())]
+        self.student_module.eval()
+        self.heads.eval()
+        hits, count = None, None
+        try:
+            for images, targets, _ in loader:
+                with self.precision.autocast():
+                    out = forward_blocks(self.student_module, self.plan, images, False, self.gate)
+                    correct = torch.stack([(head(h).argmax(dim=1) == targets).sum()
+                                           for head, h in zip(self.heads, out.block_outputs[:-1])]).double()
+                hits = correct if hits is None else hits + correct
+                n = torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=correct.device)
+                count = n if count is None else count + n
+        finally:
+            for m, training in modes:
+                m.training = training
+        if hits is None:
+            return {}
+        totals = torch.cat([hits, count.view(1)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        values = (100 * totals[:-1] / totals[-1]).tolist()
+        return {f"block_acc/{name}": v for name, v in zip(self.block_names, values)}
+
+    # ---- the step
+    def kd_terms(self, output: StagedOutput, teacher_out: StagedOutput, targets: Tensor, indices: Tensor,
+                 epoch: int) -> dict[str, Tensor]:
+        """beta * K: the distiller's weighted terms plus the optional weighted KL."""
+        # The bare distiller: its gradients come from autograd.grad, which DDP's reducer never sees (averaged by hand).
+        named = self.distiller(
+            self.select(output, self.student_spots, self.student_preact),
+            self.select(teacher_out, self.teacher_spots, self.teacher_preact),
+            targets, indices=indices, epoch=epoch)
+        terms = {name: self.weights.method * value for name, value in named.items()}
+        if self.weights.kl > 0:
+            terms["kl"] = self.weights.kl * kd_loss(output.features[-1], teacher_out.features[-1],
+                                                    self.weights.temperature).mean()
+        return terms
+
+    def components(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int) -> Components:
+        """One forward and the two backward calls of §3: a, b, c, e at the current weights."""
+        alpha = self.weights.ce
+        _broadcast_buffers(self.student_module)
+        with self.precision.autocast():
+            forward = forward_blocks(self.student_module, self.plan, images, self.student_preact, self.gate)
+            logits = forward.output.features[-1]
+            teacher_out = self.teacher(images, preact=self.teacher_preact)
+            kd = self.kd_terms(forward.output, teacher_out, targets, indices, epoch)
+            local = [_ce(head(h), targets)
+                     for head, h in zip(self.heads, forward.block_outputs[:-1])]
+            ce = _ce(logits, targets)
+        theta = [p for params in self.block_params for p in params]
+        phi = [p for params in self.head_params for p in params]
+        scaler = self.precision.scaler
+        scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+        kd_total = torch.stack(list(kd.values())).sum() if kd else None
+        if kd_total is not None and kd_total.requires_grad:
+            self.gate.open = True
+            grads = torch.autograd.grad(kd_total * scale, theta + self.distiller_params, retain_graph=True,
+                                        allow_unused=True)
+        else:
+            grads = (None,) * (len(theta) + len(self.distiller_params))
+        b_flat, e = list(grads[:len(theta)]), list(grads[len(theta):])
+        student_loss = torch.stack(local).sum() + ce if local else ce
+        self.gate.open = False
+        try:
+            grads = torch.autograd.grad(student_loss * scale, theta + phi, allow_unused=True)
+        finally:
+            self.gate.open = True
+        a_flat = [None if g is None else alpha * g for g in grads[:len(theta)]]
+        c_flat = list(grads[len(theta):])
+        if scale != 1.0:  # the parts are kept unscaled: the hypergradient and the virtual step need true values
+            b_flat, e, a_flat, c_flat = ([None if g is None else g / scale for g in group]
+                                         for group in (b_flat, e, a_flat, c_flat))
+        # Everything below is the global (rank-averaged) value, so p, the hypergradient and the step agree on all ranks.
+        _average_across_ranks([g for g in a_flat + b_flat + c_flat + e if g is not None])
+        terms = {"ce": alpha * ce.detach(), **{k: v.detach() for k, v in kd.items()}}
+        terms.update({f"abl/local_ce/{name}": value.detach() for name, value in zip(self.block_names, local)})
+        return Components(a=self._split(a_flat, self.block_params), b=self._split(b_flat, self.block_params),
+                          c=self._split(c_flat, self.head_params), e=e,
+                          terms=terms, logits=logits.detach(), forward=forward, teacher_out=teacher_out,
+                          batch=(targets, indices, epoch))
+
+    @staticmethod
+    def _split(flat: list, groups: list[list]) -> list[list]:
+        """Cut a flat per-parameter list into the shape of `groups`."""
+        out, offset = [], 0
+        for params in groups:
+            out.append(flat[offset:offset + len(params)])
+            offset += len(params)
+        return out
+
+    def combined(self, parts: Components, p: Tensor) -> list[tuple[Tensor, Tensor | None]]:
+        """(parameter, gradient) pairs of §1: p1 a + p2 b in non-last blocks, a + b in the last, c and e as they are."""
+        pairs = []
+        last = self.num_blocks - 1
+        for l, params in enumerate(self.block_params):
+            w1, w2 = (p[l, 0], p[l, 1]) if l < last else (1.0, 1.0)
+            for param, a, b in zip(params, parts.a[l], parts.b[l]):
+                if a is None and b is None:
+                    grad = None
+                elif b is None:
+                    grad = w1 * a
+                elif a is None:
+                    grad = w2 * b
+                else:
+                    grad = w1 * a + w2 * b
+                pairs.append((param, grad))
+        for l, params in enumerate(self.head_params):
+            scale = p[l, 0] * self.weights.ce if self.options.aux_grad == "weighted" else 1.0
+            pairs.extend((param, None if c is None else scale * c) for param, c in zip(params, parts.c[l]))
+        pairs.extend(zip(self.distiller_params, parts.e))
+        return pairs
+
+    def apply(self, pairs: list[tuple[Tensor, Tensor | None]]) -> None:
+        """Assign the gradients and step the student's SGD (through the loss scaler under float16 AMP)."""
+        optimizer = self.optimizers["main"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler = self.precision.scaler
+        scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+        for param, grad in pairs:
+            if grad is not None:
+                # The scaler's step unscales and skips the step on inf/NaN, as after an ordinary scaled backward.
+                param.grad = (grad * scale if scale != 1.0 else grad).to(param.dtype)
+        self.precision.step(optimizer)
+
+    def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
+                      step: int = 0) -> dict[str, Tensor]:
+        """Components, gradient assembly with this step's p, one SGD step."""
+        parts = self.components(images, targets, indices, epoch)
+        p = self.current_p()
+        self.apply(self.combined(parts, p))
+        return self.step_output(parts, p, targets)
+
+    def step_output(self, parts: Components, p: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """Loss terms, p1 per block, loss = alpha CE + beta K (Eq. 1), and the correct count."""
+        out = dict(parts.terms)
+        kd = [v for k, v in parts.terms.items() if k != "ce" and not k.startswith("abl/")]
+        out["loss"] = parts.terms["ce"] + (torch.stack(kd).sum() if kd else 0.0)
+        p1 = p[:, 0].detach().float()
+        out.update({f"abl/p1/{name}": p1[l] for l, name in enumerate(self.block_names[:-1])})
+        out["correct"] = (parts.logits.argmax(dim=1) == targets).sum()
+        return out
+
+
+@register_strategy("abl")
+class ABL(ABLBase):
+    """Stage 2 (§7): p fixed at softmax(gamma*) from a search run (`gamma_from`), or given as `gamma` or `p1`."""
+
+    def initial_p(self) -> Tensor:
+        opts = self.options
+        given = [name for name in ("gamma_from", "gamma", "p1") if getattr(opts, name) is not None]
+        if len(given) != 1:
+            raise ValueError("abl needs exactly one of gamma_from (a finished abl-search run folder or its "
+                             "gamma.json), gamma or p1; run stage 1 first with `adakd abl` (both stages) or "
+                             f"strategy=abl-search, got {given or 'none'}")
+        if opts.p1 is not None:
+            return self.p_from_p1(list(opts.p1))
+        gamma = torch.tensor(opts.gamma if opts.gamma is not None else read_gamma(opts.gamma_from),
+                             dtype=torch.float32)
+        if tuple(gamma.shape) != (self.num_blocks - 1, 2):
+            raise ValueError(f"gamma must have shape ({self.num_blocks - 1}, 2) for this student "
+                             f"({self.num_blocks} blocks), got {tuple(gamma.shape)}")
+        return gamma.softmax(dim=1)
+
+
+def read_gamma(path: str | Path) -> list[list[float]]:
+    """gamma [L - 1, 2] from a search run folder or its gamma.json."""
+    path = Path(path)
+    file = path / "gamma.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"gamma_from: {str(file)!r} does not exist; give the folder of an abl-search run (it "
+                         "writes gamma.json after every epoch)")
+    try:
+        return json.loads(file.read_text())["gamma"]
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"gamma_from: {str(file)!r} is not a gamma.json written by abl-search ({err})") from None
+
+
+@register_strategy("abl-fixed")
+class ABLFixed(ABLBase):
+    """Fixed ablation (Table 6) = Local of Table 5: p = (0.5, 0.5) in every non-last block (gamma = 0)."""
+
+    def initial_p(self) -> Tensor:
+        return torch.full((self.num_blocks - 1, 2), 0.5)
+
+
+@register_strategy("abl-no")
+class ABLNo(ABLBase):
+    """No ablation (Table 6): p = (1, 0), so the teacher error reaches only the last block."""
+
+    def initial_p(self) -> Tensor:
+        return self.p_from_p1([1.0] * (self.num_blocks - 1))
+
+
+@register_strategy("abl-random")
+class ABLRandom(ABLBase):
+    """Random ablation (Table 6): p1 ~ U(0, 1) per block, drawn once from the run's seed (or every step)."""
+
+    def initial_p(self) -> Tensor:
+        return self.p_from_p1(torch.rand(self.num_blocks - 1))
+
+    def current_p(self) -> Tensor:
+        if self.options.random_resample:
+            self.p = self.p_from_p1(torch.rand(self.num_blocks - 1)).to(self.p.device)
+        return self.p
+
+
+@register_strategy("abl-global")
+class ABLGlobal(ABLBase):
+    """Global ablation (Table 5): standard KD backprop, student CE from the final layer, non-last blocks x 0.5."""
+
+    uses_heads = False
+
+    def initial_p(self) -> Tensor:
+        return torch.full((self.num_blocks - 1, 2), 0.5)
+
+    def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
+                      step: int = 0) -> dict[str, Tensor]:
+        """One ordinary backward of alpha CE + beta K, then the non-last blocks' gradients halved."""
+        _broadcast_buffers(self.student_module)
+        with self.precision.autocast():
+            output = self.student_module(images, preact=self.student_preact)
+            teacher_out = self.teacher(images, preact=self.teacher_preact)
+            kd = self.kd_terms(output, teacher_out, targets, indices, epoch)
+            ce = self.weights.ce * _ce(output.features[-1], targets)
+        loss = ce + (torch.stack(list(kd.values())).sum() if kd else 0.0)
+        optimizer = self.optimizers["main"]
+        optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        params = [p for params in self.block_params for p in params] + self.distiller_params
+        _average_across_ranks([p.grad for p in params if p.grad is not None])
+        with torch.no_grad():
+            for l, block in enumerate(self.block_params[:-1]):
+                for param in block:
+                    if param.grad is not None:
+                        param.grad.mul_(self.p[l, 1])
+        self.precision.step(optimizer)
+        parts_terms = {"ce": ce.detach(), **{k: v.detach() for k, v in kd.items()}}
+        out = dict(parts_terms)
+        out["loss"] = loss.detach()
+        out["correct"] = (output.features[-1].detach().argmax(dim=1) == targets).sum()
+        return out
+
+
+@register_strategy("abl-search")
+class ABLSearch(ABLBase):
+    """Stage 1 (§6): warm start at gamma = 0, then alternating gamma (held-out split) and weight updates."""
+
+    needs_validation: ClassVar[bool] = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        opts = self.options
+        self.gamma = torch.zeros(self.num_blocks - 1, 2, device=self.p.device, requires_grad=True)
+        self.meta_optimizer = torch.optim.Adam([self.gamma], lr=opts.meta_lr, betas=tuple(opts.meta_betas),
+                                               weight_decay=opts.meta_weight_decay)
+        self.meta_done = 0  # gamma updates so far (= validation batches consumed)
+        self.stopped_early = False
+        self.checkpoints_p1: list[tuple[int, list[float]]] = []  # (meta step, p1) at each log point
+        self.records: list[dict[str, Any]] = []
+        self.last_hyper: Tensor | None = None
+        self.last_diff: Tensor | None = None
+
+    def initial_p(self) -> Tensor:
+        return torch.full((self.num_blocks - 1, 2), 0.5)
+
+    def current_p(self) -> Tensor:
+        return self.gamma.detach().softmax(dim=1)
+
+    @property
+    def max_steps(self) -> int:
+        """Iterations stage 1 needs at most (the engine runs enough epochs for them)."""
+        return steps_budget(self.options)
+
+    @property
+    def validation_fraction(self) -> float:
+        """Share of the training set held out for gamma (§6.1)."""
+        return self.options.val_fraction
+
+    @property
+    def validation_batches_used(self) -> int:
+        """Held-out batches consumed so far (one per gamma update)."""
+        return self.meta_done
+
+    def attach_validation(self, batches: Iterator) -> None:
+        """The endless stream of validation batches (the engine positions it after `meta_done` batches)."""
+        self.val_batches = batches
+
+    def searching(self, step: int) -> bool:
+        """Whether this 0-based global step updates gamma."""
+        opts = self.options
+        if self.stopped_early or self.meta_done >= opts.meta_steps or step < opts.warm_steps:
+            return False
+        return (step - opts.warm_steps) % opts.meta_every == 0
+
+    def should_stop(self) -> bool:
+        """True once the bilevel phase has run its meta steps or p has settled (§12 row 13)."""
+        return self.stopped_early or self.meta_done >= self.options.meta_steps
+
+    def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
+                      step: int = 0) -> dict[str, Tensor]:
+        """§6.3: components on B_tr, then (meta steps) virtual step, L_val, hypergradient, gamma step; real step."""
+        parts = self.components(images, targets, indices, epoch)
+        searching = self.searching(step)
+        if searching:
+            if self.val_batches is None:
+                raise RuntimeError("abl-search needs validation batches: the engine calls attach_validation")
+            val_images, val_targets, val_indices = next(self.val_batches)
+            self.meta_step(parts, val_images, val_targets, val_indices, epoch)
+        p = self.current_p()
+        self.apply(self.combined(parts, p))
+        every = self.options.log_every
+        if searching and self.meta_done % every == 0:
+            self.record(step, epoch, "meta")
+        elif step < self.options.warm_steps and step % every == 0:
+            self.record(step, epoch, "warm")
+        return self.step_output(parts, p, targets)
+
+    def meta_step(self, parts: Components, images: Tensor, targets: Tensor, indices: Tensor, epoch: int) -> None:
+        """One gamma update by the hypergradient of §6.4 (or §6.6's finite differences)."""
+        hyper, diff = self.hypergradient(parts, images, targets, indices, epoch)
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        self.gamma.grad = hyper
+        if self.options.meta_grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([self.gamma], self.options.meta_grad_clip)
+        self.meta_optimizer.step()
+        self.meta_done += 1
+        self.last_hyper, self.last_diff = hyper.detach(), diff.detach()
+
+    def virtual_weights_for(self, parts: Components, p: Tensor) -> tuple[list[Tensor], list[Tensor], list[float]]:
+        """(parameters, w' = their next SGD iterate under p, dw'/dg per parameter) for every trained parameter."""
+        optimizer = self.optimizers["main"]
+        lookup = {id(param): group for group in optimizer.param_groups for param in group["params"]}
+        params, nexts, jacobians = [], [], []
+        for param, grad in self.combined(parts, p):
+            if grad is None:
+                continue  # SGD skips a parameter without a gradient
+            w_next, jac = sgd_next(param.detach(), grad, lookup[id(param)], optimizer.state.get(param, {}))
+            params.append(param)
+            nexts.append(w_next)
+            jacobians.append(jac)
+        return params, nexts, jacobians
+
+    def validation_loss(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
+                        gamma: Tensor | None = None) -> Tensor:
+        """L_val at the current weights on one validation batch (§6.5); BN follows `val_bn`."""
+        opts = self.options
+        alpha = self.weights.ce
+        modules = [self.student_module, self.heads]
+        modes = [(m, m.training) for mod in modules for m in mod.modules()]
+        if opts.val_bn == "eval":
+            for mod in modules:
+                mod.eval()
+        try:
+            with self.precision.autocast():
+                forward = forward_blocks(self.student_module, self.plan, images, self.student_preact, self.gate)
+                logits = forward.output.features[-1]
+                loss = alpha * _ce(logits, targets)
+                if opts.val_objective == "ce":
+                    return loss
+                teacher_out = self.teacher(images, preact=self.teacher_preact)
+                kd = self.kd_terms(forward.output, teacher_out, targets, indices, epoch)
+                kd_total = torch.stack(list(kd.values())).sum() if kd else torch.zeros((), device=images.device)
+                loss = loss + kd_total
+                if opts.val_objective == "composite":
+                    p = (self.gamma if gamma is None else gamma).softmax(dim=1)
+                    for l, (head, h) in enumerate(zip(self.heads, forward.block_outputs[:-1])):
+                        local = _ce(head(h), targets)
+                        loss = loss + p[l, 0] * alpha * local + p[l, 1] * kd_total
+                return loss
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def validation_gradient(self, params: list[Tensor], nexts: list[Tensor], images: Tensor, targets: Tensor,
+                            indices: Tensor, epoch: int) -> dict[int, Tensor | None]:
+        """v = dL_val/dtheta' at w' for the non-last blocks (by parameter id), plus the explicit dL_val/dgamma.
+
+        The weights are set to w' in place and restored bit for bit, BatchNorm statistics included (§13 item 8).
+        """
+        wanted_ids = {id(q) for block in self.block_params[:-1] for q in block}
+        wanted = [q for q in params if id(q) in wanted_ids]
+        composite = self.options.val_objective == "composite"
+        with preserved([self.student_module, self.heads, self.distiller], params):
+            with torch.no_grad():
+                for param, w_next in zip(params, nexts):
+                    param.copy_(w_next)
+            loss = self.validation_loss(images, targets, indices, epoch)
+            grads = torch.autograd.grad(loss, wanted + ([self.gamma] if composite else []), allow_unused=True)
+        v: dict[int, Tensor | None] = {id(q): g for q, g in zip(wanted, grads)}
+        v["explicit"] = grads[-1] if composite else None  # type: ignore[index]
+        return v
+
+    @torch.no_grad()
+    def validation_loss_at(self, parts: Components, gamma: Tensor, images: Tensor, targets: Tensor,
+                           indices: Tensor, epoch: int = 1) -> float:
+        """L_val(w'(gamma), gamma) as a number, for checking the hypergradient by finite differences."""
+        params, nexts, _ = self.virtual_weights_for(parts, gamma.softmax(dim=1))
+        with preserved([self.student_module, self.heads, self.distiller], params):
+            for param, w_next in zip(params, nexts):
+                param.copy_(w_next)
+            return float(self.validation_loss(images, targets, indices, epoch, gamma=gamma))
+
+    def hypergradient(self, parts: Components, images: Tensor, targets: Tensor, indices: Tensor,
+                      epoch: int) -> tuple[Tensor, Tensor]:
+        """(dL_val/dgamma [L - 1, 2], s1 - s2 per block) at w' = the virtual SGD step under the current p."""
+        p = self.current_p()
+        params, nexts, jacobians = self.virtual_weights_for(parts, p)
+        v = self.validation_gradient(params, nexts, images, targets, indices, epoch)
+        explicit = v.pop("explicit")  # type: ignore[call-overload]
+        _average_across_ranks([g for g in v.values() if g is not None] + ([explicit] if explicit is not None else []))
+        jac = {id(q): j for q, j in zip(params, jacobians)}
+        last = self.num_blocks - 1
+        s1 = torch.zeros(last, dtype=torch.float64, device=p.device)
+        s2 = torch.zeros_like(s1)
+        if self.options.hypergrad == "exact":
+            for l in range(last):
+                for q, a, b in zip(self.block_params[l], parts.a[l], parts.b[l]):
+                    g = v.get(id(q))
+                    if g is None:
+                        continue
+                    # dw'/dg (SGD's lr, times a momentum factor under Nesterov) is folded in here.
+                    if a is not None:
+                        s1[l] += jac[id(q)] * (a.double() * g.double()).sum()
+                    if b is not None:
+                        s2[l] += jac[id(q)] * (b.double() * g.double()).sum()
+        else:
+            s1, s2 = self.finite_difference(parts, v, jac)
+        p64 = p.double()
+        weight = p64[:, 0] * p64[:, 1] * (s1 - s2)
+        hyper = torch.stack([-weight, weight], dim=1).to(self.gamma.dtype)
+        if explicit is not None:
+            hyper = hyper + explicit
+        return hyper, (s1 - s2).float()
+
+    @torch.no_grad()
+    def finite_difference(self, parts: Components, v: dict[int, Tensor | None],
+                          jac: dict[int, float]) -> tuple[Tensor, Tensor]:
+        """§6.6 block-wise central differences of the local and KD losses along v on the training batch (Eq. 10)."""
+        targets, indices, epoch = parts.batch
+        last = self.num_blocks - 1
+        vectors = [g for g in v.values() if g is not None]
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in vectors)) if vectors else torch.tensor(0.0)
+        s1 = torch.zeros(last, dtype=torch.float64, device=self.p.device)
+        s2 = torch.zeros_like(s1)
+        if float(norm) == 0.0:
+            return s1, s2
+        xi = self.options.fd_xi / float(norm)
+        alpha = self.weights.ce
+        forward = parts.forward
+        for l in range(last):
+            params = [q for q in self.block_params[l] if v.get(id(q)) is not None]
+            if not params:
+                continue
+            # The step direction is dw'/dg * v; jac is per parameter (a scalar for SGD).
+            values = {}
+            with preserved([self.student_module, self.heads, self.distiller], params):
+                for sign in (1.0, -1.0):
+                    for q in params:
+                        q.add_(sign * xi * jac[id(q)] * v[id(q)])
+                    x = forward.block_inputs[l]
+                    out = forward_blocks(self.student_module, self.plan, x, self.student_preact, self.gate,
+                                         start=l, cached=forward.output)
+                    local = _ce(self.heads[l](out.block_outputs[0]), targets)
+                    kd = self.kd_terms(out.output, parts.teacher_out, targets, indices, epoch)
+                    kd_total = torch.stack(list(kd.values())).sum() if kd else torch.zeros(())
+                    values[sign] = (local.double(), kd_total.double())
+                    for q in params:
+                        q.sub_(sign * xi * jac[id(q)] * v[id(q)])
+            s1[l] = alpha * (values[1.0][0] - values[-1.0][0]) / (2 * xi)
+            s2[l] = (values[1.0][1] - values[-1.0][1]) / (2 * xi)
+        return s1, s2
+
+    def record(self, step: int, epoch: int, phase: str) -> None:
+        """One row of abl_gamma.csv (Fig. 3) and the early-stopping check."""
+        p = self.current_p().cpu()
+        row: dict[str, Any] = {"step": step, "epoch": epoch, "phase": phase, "meta_step": self.meta_done}
+        names = self.block_names[:-1]
+        row.update({f"p1/{n}": float(p[l, 0]) for l, n in enumerate(names)})
+        row.update({f"p2/{n}": float(p[l, 1]) for l, n in enumerate(names)})
+        if self.last_hyper is not None:
+            hyper, diff = self.last_hyper.cpu(), self.last_diff.cpu()
+            row.update({f"hypergrad/{n}": float(hyper[l, 0]) for l, n in enumerate(names)})
+            row.update({f"s1_minus_s2/{n}": float(diff[l]) for l, n in enumerate(names)})
+        self.records.append(row)
+        if phase == "meta":
+            self.checkpoints_p1.append((self.meta_done, p[:, 0].tolist()))
+            window = self.options.early_stop_window
+            old = [p1 for done, p1 in self.checkpoints_p1 if done <= self.meta_done - window]
+            if window and old:
+                change = max(abs(x - y) for x, y in zip(old[-1], p[:, 0].tolist()))
+                self.stopped_early = change < self.options.early_stop_delta
+
+    def drain_records(self) -> dict[str, list[dict[str, Any]]]:
+        """Rows logged since the last call, by file name."""
+        rows, self.records = self.records, []
+        return {"abl_gamma": rows}
+
+    def artifacts(self) -> dict[str, Any]:
+        """gamma.json: the current gamma and p, read by stage 2's `gamma_from`."""
+        p = self.current_p().cpu()
+        return {"gamma": {"gamma": self.gamma.detach().cpu().tolist(), "p1": p[:, 0].tolist(),
+                          "blocks": self.block_names[:-1], "meta_steps": self.meta_done,
+                          "stopped_early": self.stopped_early}}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Adds gamma, the meta optimiser and the search counters."""
+        state = super().state_dict()
+        state["gamma"] = self.gamma.detach().cpu().clone()
+        state["meta_optimizer"] = self.meta_optimizer.state_dict()
+        state["meta_done"] = self.meta_done
+        state["stopped_early"] = self.stopped_early
+        state["checkpoints_p1"] = [[done, list(p1)] for done, p1 in self.checkpoints_p1]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; the engine then positions the validation stream after `meta_done` batches."""
+        super().load_state_dict(state)
+        with torch.no_grad():
+            self.gamma.copy_(state["gamma"].to(self.gamma.device))
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.meta_done = int(state["meta_done"])
+        self.stopped_early = bool(state["stopped_early"])
+        self.checkpoints_p1 = [(int(done), list(p1)) for done, p1 in state["checkpoints_p1"]]
+
+
+def steps_budget(options: ABLOptions) -> int:
+    """Iterations stage 1 needs at most: the warm start plus meta_steps updates every meta_every steps."""
+    return options.warm_steps + options.meta_steps * options.meta_every
+
+
+__all__ = ["ABL", "ABLOptions", "ABLSearch", "block_plan", "forward_blocks", "read_gamma", "sgd_next",
+           "steps_budget"]
