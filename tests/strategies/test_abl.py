@@ -491,3 +491,26 @@ def test_endless_stream_resumes_at_its_position():
     resumed = endless(Loader([0, 1, 2]), start_batch=4)
     assert [next(resumed) for _ in range(3)] == first[4:7]
     assert first[3] == (2, 0)
+
+
+@pytest.mark.parametrize("method, aux_grad", [("kd", "unweighted"), ("at", "unweighted"), ("fitnets", "weighted"),
+                                              ("vid", "unweighted"), ("reviewkd", "unweighted"),
+                                              ("crd", "unweighted"), ("sp", "weighted")])
+def test_fused_step_gradients_equal_the_separate_parts(method, aux_grad):
+    st = make(method=method, student="resnet14", teacher="resnet8", strategy="abl", aux_grad=aux_grad,
+              p1=[0.9, 0.1, 0.35, 0.0, 1.0])
+    st.weights = LossWeights(ce=0.7, method=st.weights.method, kl=0.4)  # the optional KL term as well
+    other = copy.deepcopy(st)
+    x, y, idx = batch()
+    torch.manual_seed(9)
+    parts = st.components(x, y, idx, 1)
+    want = st.combined(parts, st.p.double())
+    torch.manual_seed(9)
+    got, terms, _ = other.fused_gradients(x, y, idx, 1, other.p.double())
+    assert len(got) == len(want)
+    for (q, g), (_, w) in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(zeros_if_none(g, q), w, atol=1e-11, rtol=1e-9)
+    assert terms.keys() == parts.terms.keys()

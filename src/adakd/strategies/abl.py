@@ -6,11 +6,10 @@ p(l) = softmax(gamma(l)); the error passed down to lower blocks is the pure teac
 learns gamma by bilevel optimisation on a held-out split; stage 2 (`abl`) retrains from scratch with p fixed.
 Implements the adakd specification specs/abl.md (sections cited as §n).
 
-Gradient routing is the spec's scheme B (§3.3), exact like scheme A: one forward with an identity "boundary" at
-every block input, then two backward calls on the same graph. The KD call lets gradients cross the boundaries
-(b_l for every block, the distiller heads' e); the student call stops them there (a_l with each block's input held
-constant, the heads' c_l). Two autograd calls instead of scheme A's 2L, and no forward is repeated, so BatchNorm
-sees each batch once.
+Gradient routing is the spec's scheme A (§3.2): one forward in which every block's input is a detached leaf, so
+BatchNorm sees each batch once; the KD loss on detached copies of the spot tensors; the KD error carried down block
+by block with input-only vector-Jacobian products; and the student parts of all blocks from one backward call, which
+the leaves stop at every block boundary (and which skips each block's first input gradient).
 """
 from __future__ import annotations
 
@@ -93,25 +92,6 @@ def check_options(opts: ABLOptions) -> None:
 # --------------------------------------------------------------------------------------------------- routing
 
 
-class _Gate:
-    """Whether gradients cross block boundaries: open for the KD call, closed for the student call."""
-
-    open: bool = True
-
-
-class _Boundary(torch.autograd.Function):
-    """Identity forward; backward passes the gradient to the block below only while the gate is open."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, gate: _Gate) -> Tensor:
-        ctx.gate = gate
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return (grad if ctx.gate.open else None), None
-
-
 def block_plan(staged: StagedModel, group_by_stage: bool = False) -> list[list[tuple[int, nn.Module, bool]]]:
     """ABL blocks as lists of (stage index, module, ends its stage), in the partition of `StagedModel.blocks()`."""
     stages = staged.stages
@@ -136,24 +116,28 @@ def block_plan(staged: StagedModel, group_by_stage: bool = False) -> list[list[t
 
 @dataclass
 class BlockForward:
-    """One forward of the student block by block: stage features, block inputs (detached) and outputs."""
+    """One forward of the student block by block: stage features, block inputs and outputs."""
 
     output: StagedOutput
     block_inputs: list[Tensor]
     block_outputs: list[Tensor]
 
 
-def forward_blocks(staged: StagedModel, plan, x: Tensor, preact: bool, gate: _Gate, start: int = 0,
+def forward_blocks(staged: StagedModel, plan, x: Tensor, preact: bool, detach: bool = False, start: int = 0,
                    cached: StagedOutput | None = None) -> BlockForward:
-    """Run blocks `start..L` on `x` (block `start`'s input); stages ending below `start` come from `cached`."""
+    """Run blocks `start..L` on `x` (block `start`'s input); stages ending below `start` come from `cached`.
+
+    With `detach`, every block after the first starts from a detached leaf copy of the previous output (§3.2), so
+    an autograd call over one block's tensors never reaches below it.
+    """
     stages = staged.stages
     features: list[Tensor | None] = list(cached.features) if cached is not None else [None] * len(stages)
     preacts: list[Tensor | None] = list(cached.preacts) if cached is not None else [None] * len(stages)
     inputs, outputs = [], []
     for l in range(start, len(plan)):
-        inputs.append(x.detach())
-        if l > 0:
-            x = _Boundary.apply(x, gate)
+        if detach and l > 0:
+            x = x.detach().requires_grad_(torch.is_grad_enabled())
+        inputs.append(x)
         for stage_index, module, ends_stage in plan[l]:
             if ends_stage and preact and stages[stage_index].has_preact:
                 x, pre = forward_with_preact(module, x)
@@ -164,6 +148,19 @@ def forward_blocks(staged: StagedModel, plan, x: Tensor, preact: bool, gate: _Ga
                 features[stage_index], preacts[stage_index] = x, pre
         outputs.append(x)
     return BlockForward(StagedOutput(features, preacts), inputs, outputs)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
 
 
 def sgd_next(param: Tensor, grad: Tensor, group: dict, state: dict) -> tuple[Tensor, float]:
@@ -291,7 +288,6 @@ class ABLBase(Strategy):
         missing = [n for n, p in self.student_module.named_parameters() if p.requires_grad and id(p) not in owned]
         if missing:
             raise ValueError(f"student parameters outside every ABL block: {missing[:5]}")
-        self.gate = _Gate()
         reference = next(self.student_module.parameters())
         self.heads = nn.ModuleList()
         if self.uses_heads:
@@ -322,7 +318,7 @@ class ABLBase(Strategy):
             ref = next(self.student_module.parameters())
             size = self.options.input_size
             dummy = torch.zeros(1, 3, size, size, dtype=ref.dtype, device=ref.device)
-            out = forward_blocks(self.student_module, self.plan, dummy, False, self.gate)
+            out = forward_blocks(self.student_module, self.plan, dummy, False)
             return [tuple(h.shape[1:]) for h in out.block_outputs]
         finally:
             for m, training in modes:
@@ -387,7 +383,7 @@ class ABLBase(Strategy):
         try:
             for images, targets, _ in loader:
                 with self.precision.autocast():
-                    out = forward_blocks(self.student_module, self.plan, images, False, self.gate)
+                    out = forward_blocks(self.student_module, self.plan, images, False)
                     correct = torch.stack([(head(h).argmax(dim=1) == targets).sum()
                                            for head, h in zip(self.heads, out.block_outputs[:-1])]).double()
                 hits = correct if hits is None else hits + correct
@@ -408,60 +404,171 @@ class ABLBase(Strategy):
     def kd_terms(self, output: StagedOutput, teacher_out: StagedOutput, targets: Tensor, indices: Tensor,
                  epoch: int) -> dict[str, Tensor]:
         """beta * K: the distiller's weighted terms plus the optional weighted KL."""
+        return self.kd_terms_on(self.select(output, self.student_spots, self.student_preact), output.features[-1],
+                                teacher_out, targets, indices, epoch)
+
+    def kd_terms_on(self, student_feats: list[Tensor], student_logits: Tensor, teacher_out: StagedOutput,
+                    targets: Tensor, indices: Tensor, epoch: int) -> dict[str, Tensor]:
+        """beta * K from given student spot tensors and logits (the fused step passes detached leaves)."""
         # The bare distiller: its gradients come from autograd.grad, which DDP's reducer never sees (averaged by hand).
-        named = self.distiller(
-            self.select(output, self.student_spots, self.student_preact),
-            self.select(teacher_out, self.teacher_spots, self.teacher_preact),
-            targets, indices=indices, epoch=epoch)
+        named = self.distiller(student_feats, self.select(teacher_out, self.teacher_spots, self.teacher_preact),
+                               targets, indices=indices, epoch=epoch)
         terms = {name: self.weights.method * value for name, value in named.items()}
         if self.weights.kl > 0:
-            terms["kl"] = self.weights.kl * kd_loss(output.features[-1], teacher_out.features[-1],
+            terms["kl"] = self.weights.kl * kd_loss(student_logits, teacher_out.features[-1],
                                                     self.weights.temperature).mean()
         return terms
 
-    def components(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int) -> Components:
-        """One forward and the two backward calls of §3: a, b, c, e at the current weights."""
-        alpha = self.weights.ce
-        _broadcast_buffers(self.student_module)
+    def forward_parts(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
+                      head_scale: list[float] | None = None) -> dict[str, Any]:
+        """The §3.2 forward: detached-input blocks, teacher, beta * K on spot leaves, heads' local CEs, final CE.
+
+        `head_scale` multiplies the local error entering h_l (not the head's own gradient), for the fused step.
+        """
         with self.precision.autocast():
-            forward = forward_blocks(self.student_module, self.plan, images, self.student_preact, self.gate)
+            forward = forward_blocks(self.student_module, self.plan, images, self.student_preact, detach=True)
             logits = forward.output.features[-1]
             teacher_out = self.teacher(images, preact=self.teacher_preact)
-            kd = self.kd_terms(forward.output, teacher_out, targets, indices, epoch)
-            local = [_ce(head(h), targets)
-                     for head, h in zip(self.heads, forward.block_outputs[:-1])]
+            spots = self.select(forward.output, self.student_spots, self.student_preact) + [logits]
+            leaves = [t.detach().requires_grad_() for t in spots]
+            kd = self.kd_terms_on(leaves[:-1], leaves[-1], teacher_out, targets, indices, epoch)
+            local = []
+            for l, (head, h) in enumerate(zip(self.heads, forward.block_outputs[:-1])):
+                source = _ScaleGrad.apply(h, head_scale[l]) if head_scale is not None else h
+                local.append(_ce(head(source), targets))
             ce = _ce(logits, targets)
-        theta = [p for params in self.block_params for p in params]
-        phi = [p for params in self.head_params for p in params]
+        return {"forward": forward, "teacher_out": teacher_out, "spots": spots, "leaves": leaves, "kd": kd,
+                "local": local, "ce": ce, "logits": logits}
+
+    def spot_gradients(self, fw: dict[str, Any], scale: float) -> tuple[list, list]:
+        """(direct d(beta K)/d(spot) per spot tensor, e for the distiller heads): one call on the leaves."""
+        kd_total = torch.stack(list(fw["kd"].values())).sum() if fw["kd"] else None
+        if kd_total is None or not kd_total.requires_grad:
+            return [None] * len(fw["spots"]), [None] * len(self.distiller_params)
+        grads = torch.autograd.grad(kd_total * scale, fw["leaves"] + self.distiller_params, allow_unused=True)
+        return list(grads[:len(fw["leaves"])]), list(grads[len(fw["leaves"]):])
+
+    def kd_sweep(self, fw: dict[str, Any], direct: list, with_weights: bool,
+                 retain: bool) -> tuple[list, list[Tensor | None]]:
+        """Top-down §3.2 sweep: (b_l per block if `with_weights`, total KD gradient at every block output h_l)."""
+        forward = fw["forward"]
+        owner = self._spot_blocks(forward, fw["spots"])
+        by_block: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        for t, g, l in zip(fw["spots"], direct, owner):
+            if g is not None:
+                by_block.setdefault(l, []).append((t, g))
+        b: list = [[None] * len(params) for params in self.block_params]
+        at_h: list[Tensor | None] = [None] * self.num_blocks
+        from_above: Tensor | None = None
+        for l in reversed(range(self.num_blocks)):
+            h = forward.block_outputs[l]
+            total = from_above
+            outputs, cotangents = [], []
+            for t, g in by_block.get(l, []):
+                if t is h:  # a spot at the block output joins the gradient arriving from above
+                    total = g if total is None else total + g
+                else:
+                    outputs.append(t)
+                    cotangents.append(g)
+            at_h[l] = total
+            if total is not None:
+                outputs.append(h)
+                cotangents.append(total)
+            from_above = None
+            inputs = (list(self.block_params[l]) if with_weights else []) + ([forward.block_inputs[l]] if l else [])
+            if not outputs or not inputs:
+                continue
+            grads = torch.autograd.grad(outputs, inputs, cotangents, retain_graph=retain, allow_unused=True)
+            if with_weights:
+                b[l] = list(grads[:len(self.block_params[l])])
+            if l:
+                from_above = grads[-1]
+        return b, at_h
+
+    def components(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int) -> Components:
+        """a, b, c, e of §1 at the current weights: one forward, one student call, the KD sweep."""
+        alpha = self.weights.ce
         scaler = self.precision.scaler
         scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
-        kd_total = torch.stack(list(kd.values())).sum() if kd else None
-        if kd_total is not None and kd_total.requires_grad:
-            self.gate.open = True
-            grads = torch.autograd.grad(kd_total * scale, theta + self.distiller_params, retain_graph=True,
-                                        allow_unused=True)
-        else:
-            grads = (None,) * (len(theta) + len(self.distiller_params))
-        b_flat, e = list(grads[:len(theta)]), list(grads[len(theta):])
-        student_loss = torch.stack(local).sum() + ce if local else ce
-        self.gate.open = False
-        try:
-            grads = torch.autograd.grad(student_loss * scale, theta + phi, allow_unused=True)
-        finally:
-            self.gate.open = True
+        _broadcast_buffers(self.student_module)
+        fw = self.forward_parts(images, targets, indices, epoch)
+        theta = [p for params in self.block_params for p in params]
+        phi = [p for params in self.head_params for p in params]
+        direct, e = self.spot_gradients(fw, scale)
+        # The leaves stop every local loss at its block's input, so one call gives every block's student part.
+        student_loss = torch.stack(fw["local"]).sum() + fw["ce"] if fw["local"] else fw["ce"]
+        grads = torch.autograd.grad(student_loss * scale, theta + phi, retain_graph=True, allow_unused=True)
         a_flat = [None if g is None else alpha * g for g in grads[:len(theta)]]
         c_flat = list(grads[len(theta):])
+        b, _ = self.kd_sweep(fw, direct, with_weights=True, retain=False)
+        b_flat = [g for block in b for g in block]
         if scale != 1.0:  # the parts are kept unscaled: the hypergradient and the virtual step need true values
             b_flat, e, a_flat, c_flat = ([None if g is None else g / scale for g in group]
                                          for group in (b_flat, e, a_flat, c_flat))
         # Everything below is the global (rank-averaged) value, so p, the hypergradient and the step agree on all ranks.
         _average_across_ranks([g for g in a_flat + b_flat + c_flat + e if g is not None])
-        terms = {"ce": alpha * ce.detach(), **{k: v.detach() for k, v in kd.items()}}
-        terms.update({f"abl/local_ce/{name}": value.detach() for name, value in zip(self.block_names, local)})
         return Components(a=self._split(a_flat, self.block_params), b=self._split(b_flat, self.block_params),
-                          c=self._split(c_flat, self.head_params), e=e,
-                          terms=terms, logits=logits.detach(), forward=forward, teacher_out=teacher_out,
+                          c=self._split(c_flat, self.head_params), e=e, terms=self._terms(fw),
+                          logits=fw["logits"].detach(), forward=fw["forward"], teacher_out=fw["teacher_out"],
                           batch=(targets, indices, epoch))
+
+    def _terms(self, fw: dict[str, Any]) -> dict[str, Tensor]:
+        terms = {"ce": self.weights.ce * fw["ce"].detach(), **{k: v.detach() for k, v in fw["kd"].items()}}
+        terms.update({f"abl/local_ce/{name}": value.detach() for name, value in zip(self.block_names, fw["local"])})
+        return terms
+
+    def fused_gradients(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
+                        p: Tensor) -> tuple[list[tuple[Tensor, Tensor | None]], dict[str, Tensor], Tensor]:
+        """The §1 update for a fixed p without forming a_l and b_l apart (same numbers as `combined`).
+
+        The KD sweep requests no weight gradients, only the KD error at every block output; then one backward of
+        p1 * alpha * (local CEs) + alpha * CE with the cotangents p2(l) * (KD error at h_l and at the spots inside
+        block l) injected gives p1 a_l + p2 b_l for every block at once. This skips the weight-gradient kernels of
+        a separate KD backward.
+        """
+        alpha = self.weights.ce
+        last = self.num_blocks - 1
+        scaler = self.precision.scaler
+        scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+        # The head learns from its unweighted CE; h_l receives it scaled by p1(l) * alpha (Eq. 8 against Eq. 7).
+        head_scale = (p[:, 0] * alpha).tolist() if self.options.aux_grad == "unweighted" else None
+        _broadcast_buffers(self.student_module)
+        fw = self.forward_parts(images, targets, indices, epoch, head_scale)
+        forward = fw["forward"]
+        theta = [q for params in self.block_params for q in params]
+        phi = [q for params in self.head_params for q in params]
+        direct, e = self.spot_gradients(fw, scale)
+        _, at_h = self.kd_sweep(fw, direct, with_weights=False, retain=True)
+        student_loss = alpha * fw["ce"]
+        for l, value in enumerate(fw["local"]):
+            student_loss = student_loss + (value if head_scale is not None else p[l, 0] * alpha * value)
+        outputs, cotangents = [student_loss * scale], [torch.ones_like(student_loss)]
+        weight = [p[l, 1] for l in range(last)] + [1.0]
+        for l, g in enumerate(at_h):
+            if g is not None:
+                outputs.append(forward.block_outputs[l])
+                cotangents.append(weight[l] * g)
+        boundary = {id(h) for h in forward.block_outputs}
+        for t, g, l in zip(fw["spots"], direct, self._spot_blocks(forward, fw["spots"])):
+            if g is not None and id(t) not in boundary:  # a spot at a block output is already inside at_h
+                outputs.append(t)
+                cotangents.append(weight[l] * g)
+        grads = torch.autograd.grad(outputs, theta + phi, cotangents, allow_unused=True)
+        pairs = list(zip(theta + phi, grads)) + list(zip(self.distiller_params, e))
+        if scale != 1.0:
+            pairs = [(q, None if g is None else g / scale) for q, g in pairs]
+        _average_across_ranks([g for _, g in pairs if g is not None])
+        return pairs, self._terms(fw), fw["logits"].detach()
+
+    def _spot_blocks(self, forward: BlockForward, spots: list[Tensor]) -> list[int]:
+        """The block whose forward produced each spot tensor."""
+        made_by: dict[int, int] = {}
+        stage_block = {stage: l for l, units in enumerate(self.plan) for stage, _, ends in units if ends}
+        for stage_index in range(len(self.student_module.stages)):
+            for tensor in (forward.output.features[stage_index], forward.output.preacts[stage_index]):
+                if tensor is not None:
+                    made_by.setdefault(id(tensor), stage_block[stage_index])
+        return [made_by[id(t)] for t in spots]
 
     @staticmethod
     def _split(flat: list, groups: list[list]) -> list[list]:
@@ -508,20 +615,20 @@ class ABLBase(Strategy):
 
     def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
                       step: int = 0) -> dict[str, Tensor]:
-        """Components, gradient assembly with this step's p, one SGD step."""
-        parts = self.components(images, targets, indices, epoch)
+        """The fused §1 update with this step's p, one SGD step."""
         p = self.current_p()
-        self.apply(self.combined(parts, p))
-        return self.step_output(parts, p, targets)
+        pairs, terms, logits = self.fused_gradients(images, targets, indices, epoch, p)
+        self.apply(pairs)
+        return self.step_output(terms, logits, p, targets)
 
-    def step_output(self, parts: Components, p: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    def step_output(self, terms: dict[str, Tensor], logits: Tensor, p: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Loss terms, p1 per block, loss = alpha CE + beta K (Eq. 1), and the correct count."""
-        out = dict(parts.terms)
-        kd = [v for k, v in parts.terms.items() if k != "ce" and not k.startswith("abl/")]
-        out["loss"] = parts.terms["ce"] + (torch.stack(kd).sum() if kd else 0.0)
+        out = dict(terms)
+        kd = [v for k, v in terms.items() if k != "ce" and not k.startswith("abl/")]
+        out["loss"] = terms["ce"] + (torch.stack(kd).sum() if kd else 0.0)
         p1 = p[:, 0].detach().float()
         out.update({f"abl/p1/{name}": p1[l] for l, name in enumerate(self.block_names[:-1])})
-        out["correct"] = (parts.logits.argmax(dim=1) == targets).sum()
+        out["correct"] = (logits.argmax(dim=1) == targets).sum()
         return out
 
 
@@ -682,22 +789,26 @@ class ABLSearch(ABLBase):
 
     def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
                       step: int = 0) -> dict[str, Tensor]:
-        """§6.3: components on B_tr, then (meta steps) virtual step, L_val, hypergradient, gamma step; real step."""
-        parts = self.components(images, targets, indices, epoch)
+        """§6.3: components on B_tr, then (meta steps) virtual step, L_val, hypergradient, gamma step; real step.
+
+        Steps without a gamma update (warm start, meta_every > 1, after the search) take the fused step.
+        """
         searching = self.searching(step)
-        if searching:
-            if self.val_batches is None:
-                raise RuntimeError("abl-search needs validation batches: the engine calls attach_validation")
-            val_images, val_targets, val_indices = next(self.val_batches)
-            self.meta_step(parts, val_images, val_targets, val_indices, epoch)
+        if not searching:
+            out = super().training_step(images, targets, indices, epoch, step)
+            if step < self.options.warm_steps and step % self.options.log_every == 0:
+                self.record(step, epoch, "warm")
+            return out
+        if self.val_batches is None:
+            raise RuntimeError("abl-search needs validation batches: the engine calls attach_validation")
+        parts = self.components(images, targets, indices, epoch)
+        val_images, val_targets, val_indices = next(self.val_batches)
+        self.meta_step(parts, val_images, val_targets, val_indices, epoch)
         p = self.current_p()
         self.apply(self.combined(parts, p))
-        every = self.options.log_every
-        if searching and self.meta_done % every == 0:
+        if self.meta_done % self.options.log_every == 0:
             self.record(step, epoch, "meta")
-        elif step < self.options.warm_steps and step % every == 0:
-            self.record(step, epoch, "warm")
-        return self.step_output(parts, p, targets)
+        return self.step_output(parts.terms, parts.logits, p, targets)
 
     def meta_step(self, parts: Components, images: Tensor, targets: Tensor, indices: Tensor, epoch: int) -> None:
         """One gamma update by the hypergradient of §6.4 (or §6.6's finite differences)."""
@@ -736,7 +847,8 @@ class ABLSearch(ABLBase):
                 mod.eval()
         try:
             with self.precision.autocast():
-                forward = forward_blocks(self.student_module, self.plan, images, self.student_preact, self.gate)
+                # Undetached: v is the gradient of L_val through the whole network.
+                forward = forward_blocks(self.student_module, self.plan, images, self.student_preact)
                 logits = forward.output.features[-1]
                 loss = alpha * _ce(logits, targets)
                 if opts.val_objective == "ce":
@@ -842,8 +954,8 @@ class ABLSearch(ABLBase):
                     for q in params:
                         q.add_(sign * xi * jac[id(q)] * v[id(q)])
                     x = forward.block_inputs[l]
-                    out = forward_blocks(self.student_module, self.plan, x, self.student_preact, self.gate,
-                                         start=l, cached=forward.output)
+                    out = forward_blocks(self.student_module, self.plan, x, self.student_preact, start=l,
+                                         cached=forward.output)
                     local = _ce(self.heads[l](out.block_outputs[0]), targets)
                     kd = self.kd_terms(out.output, parts.teacher_out, targets, indices, epoch)
                     kd_total = torch.stack(list(kd.values())).sum() if kd else torch.zeros(())
