@@ -143,3 +143,11 @@ def test_pipeline_refuses_a_given_gamma(tmp_path):
     cfg = config(tmp_path, "strategy=abl", "strategy.args.p1=[0.5,0.5]")
     with pytest.raises(Exception, match="searches gamma itself"):
         run_pipeline(cfg)
+
+
+def test_pipeline_with_bad_input_leaves_no_folder(tmp_path, capsys):
+    argv = ["abl", "--preset", "demo", f"out_dir={tmp_path / 'runs'}", "name=bad", *FAST[1:],
+            f"teacher.weights={tmp_path / 'missing.pth'}"]
+    assert main(argv) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "bad").exists()

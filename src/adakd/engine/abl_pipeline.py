@@ -66,9 +66,6 @@ def run_pipeline(config: RunConfig | None, seeds: int = 1, root: str | Path | No
             raise ConfigError("--seeds must be >= 1")
     seed_list = [config.seed + k for k in range(seeds)]
     stages = stage_configs(config, root, seed_list)
-    if not resume:
-        root.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(plan, yaml.safe_dump({"seeds": seeds, "config": to_dict(config)}, sort_keys=False))
     summaries: dict[str, Any] = {}
     for folder, values in stages:
         run_dir = root / folder
@@ -82,6 +79,9 @@ def run_pipeline(config: RunConfig | None, seeds: int = 1, root: str | Path | No
             if run_dir.exists():  # created, but killed before its first checkpoint: nothing to keep
                 _clear_unfinished(run_dir)
             trainer = Trainer(from_dict(values))
+        if not plan.is_file():
+            # Written once the first stage has accepted the config and found its data: bad input leaves no folder.
+            write_text_atomic(plan, yaml.safe_dump({"seeds": seeds, "config": to_dict(config)}, sort_keys=False))
         summaries[folder] = trainer.fit()
     finals = [s for k, s in summaries.items() if k.startswith("final")]
     result = {"root": str(root), "search": summaries["search"], "final": finals}
