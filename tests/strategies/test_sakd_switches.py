@@ -317,3 +317,18 @@ def test_trained_teacher_resumes_bitwise(tmp_path):
     assert float(rows[1]["lr"]) < float(rows[0]["lr"])
     assert all(math.isclose(float(r["train/sakd/agent_lr"]), full_agent_lr / 100, rel_tol=1e-6) for r in rows)
     assert all(0 <= float(r["train/sakd/teacher_acc1"]) <= 100 for r in rows)
+
+
+def test_scratch_teacher_run_needs_no_weights_file(tmp_path):
+    from adakd.engine.config import resolve
+    from adakd.engine.trainer import Trainer
+
+    cfg = resolve(["cifar100", "demo"], overrides=[
+        f"out_dir={tmp_path}", "name=scratch", "task=distill", "model.name=resnet8", "teacher.name=resnet8",
+        "data.image_size=8", "data.train_size=64", "data.batch_size=32", "optim.epochs=1", "log.progress=false",
+        "log.tensorboard=false", "strategy=sakd-trainable-teacher", "strategy.args.teacher_init=scratch"])
+    summary = Trainer(cfg).fit()
+    assert summary["epochs"] == 1
+    with pytest.raises(Exception, match="teacher.weights is required"):
+        Trainer(resolve(["cifar100", "demo"], overrides=[
+            f"out_dir={tmp_path}", "name=frozen", "task=distill", "model.name=resnet8", "teacher.name=resnet8"]))

@@ -64,7 +64,7 @@ def load_data(config: RunConfig, split: str):
     return dataset
 
 
-def build_model(spec, num_classes: int, role: str) -> torch.nn.Module:
+def build_model(spec, num_classes: int, role: str, needs_weights: bool = True) -> torch.nn.Module:
     """Create a zoo model and load its weights strictly if a path is given."""
     kwargs = {"width_mult": spec.width_mult} if spec.width_mult is not None else {}
     model = models.create(spec.name, num_classes=num_classes, **kwargs)
@@ -76,7 +76,7 @@ def build_model(spec, num_classes: int, role: str) -> torch.nn.Module:
             weights = str(candidate)
     if weights:
         models.load_weights(model, weights, model_name=spec.name)
-    elif role == "teacher":
+    elif role == "teacher" and needs_weights:
         raise ConfigError(f"teacher.weights is required: a randomly initialised teacher {spec.name!r} teaches "
                           "nothing. Train one with `adakd train model.name=...` and pass its best.pth or last.pth, "
                           "or set ADAKD_TEACHERS to a folder laid out as <name>_vanilla/ckpt_epoch_240.pth")
@@ -139,7 +139,9 @@ class Trainer:
         student_spots: list[int] = []
         teacher_spots: list[int] = []
         if config.task == "distill":
-            teacher = models.frozen(build_model(config.teacher, num_classes, "teacher"))
+            # SAKD's scratch-teacher ablation redraws the teacher's weights, so it needs no file.
+            scratch = config.strategy.args.get("teacher_init") == "scratch"
+            teacher = models.frozen(build_model(config.teacher, num_classes, "teacher", needs_weights=not scratch))
             teacher.to(device, memory_format=memory_format)
             # The full training set's targets: a held-out split keeps dataset indices, so CRD's rows cover both parts.
             distiller, student_spots, teacher_spots = build_distiller(
