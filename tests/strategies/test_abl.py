@@ -429,7 +429,9 @@ def test_bilevel_steps_move_gamma_and_log_every_meta_iteration():
     assert st.gamma.abs().max() > 0
     rows = st.drain_records()["abl_gamma"]
     assert [r["meta_step"] for r in rows] == [1, 2, 3]
-    assert {"p1/block1", "p2/block2", "hypergrad/block1", "s1_minus_s2/block2"} <= set(rows[-1])
+    assert {"p1/block1", "p2/block2", "hypergrad/block1", "s1_minus_s2/block2", "grad_a/block3",
+            "grad_b/block1"} <= set(rows[-1])
+    assert rows[-1]["grad_a/block1"] > 0 and rows[-1]["grad_b/block3"] > 0
     artifact = st.artifacts()["gamma"]
     assert torch.allclose(torch.tensor(artifact["gamma"], dtype=torch.float64), st.gamma.detach().double())
 

@@ -807,7 +807,7 @@ class ABLSearch(ABLBase):
         p = self.current_p()
         self.apply(self.combined(parts, p))
         if self.meta_done % self.options.log_every == 0:
-            self.record(step, epoch, "meta")
+            self.record(step, epoch, "meta", parts)
         return self.step_output(parts.terms, parts.logits, p, targets)
 
     def meta_step(self, parts: Components, images: Tensor, targets: Tensor, indices: Tensor, epoch: int) -> None:
@@ -966,8 +966,8 @@ class ABLSearch(ABLBase):
             s2[l] = (values[1.0][1] - values[-1.0][1]) / (2 * xi)
         return s1, s2
 
-    def record(self, step: int, epoch: int, phase: str) -> None:
-        """One row of abl_gamma.csv (Fig. 3) and the early-stopping check."""
+    def record(self, step: int, epoch: int, phase: str, parts: Components | None = None) -> None:
+        """One row of abl_gamma.csv (Fig. 3; with `parts`, Fig. 5's mean |a_l|, |b_l|) and the early-stopping check."""
         p = self.current_p().cpu()
         row: dict[str, Any] = {"step": step, "epoch": epoch, "phase": phase, "meta_step": self.meta_done}
         names = self.block_names[:-1]
@@ -977,6 +977,11 @@ class ABLSearch(ABLBase):
             hyper, diff = self.last_hyper.cpu(), self.last_diff.cpu()
             row.update({f"hypergrad/{n}": float(hyper[l, 0]) for l, n in enumerate(names)})
             row.update({f"s1_minus_s2/{n}": float(diff[l]) for l, n in enumerate(names)})
+        if parts is not None:
+            for part in ("a", "b"):
+                for name, grads in zip(self.block_names, getattr(parts, part)):
+                    present = [g.abs().flatten() for g in grads if g is not None]
+                    row[f"grad_{part}/{name}"] = float(torch.cat(present).mean()) if present else 0.0
         self.records.append(row)
         if phase == "meta":
             self.checkpoints_p1.append((self.meta_done, p[:, 0].tolist()))
