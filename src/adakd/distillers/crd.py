@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -12,6 +13,33 @@ from adakd.distillers.base import Distiller, DistillerDefaults, relational_term
 from adakd.distillers.registry import register_distiller
 
 NCE_EPS = 1e-7
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Concatenate each tensor's rows from every rank, in rank order (ranks may hold different row counts).
+
+    Under DDP every rank then writes every rank's new memory rows, so the banks stay identical everywhere.
+    """
+    if not _distributed():
+        return tensors
+    world = dist.get_world_size()
+    count = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    longest = max(sizes)
+    gathered = []
+    for t in tensors:
+        padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[:t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        gathered.append(torch.cat([part[:n] for part, n in zip(parts, sizes)]))
+    return tuple(gathered)
 
 
 def crd_nce_loss(probs: Tensor, n_data: int) -> Tensor:
@@ -102,8 +130,9 @@ class CRD(Distiller):
         z.copy_(current)
         return scores / current
 
-    def contrast(self, student: Tensor, teacher: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
-        """CRD on one (sub-)batch: student-anchored + teacher-anchored NCE, then the memory update."""
+    def contrast(self, student: Tensor, teacher: Tensor, targets: Tensor, indices: Tensor,
+                 pending: list | None = None) -> Tensor:
+        """CRD on one (sub-)batch: student-anchored + teacher-anchored NCE; the new memory rows go to `pending`."""
         dtype = self.memory_student.dtype
         v_s = F.normalize(self.embed_student(student.flatten(1)).to(dtype), dim=1)
         v_t = F.normalize(self.embed_teacher(self.teacher_input(teacher).flatten(1)).to(dtype), dim=1)
@@ -111,20 +140,45 @@ class CRD(Distiller):
         student_probs = self._normalised(self._scores(self.memory_teacher, contrast, v_s), self.z_student)
         teacher_probs = self._normalised(self._scores(self.memory_student, contrast, v_t), self.z_teacher)
         loss = crd_nce_loss(student_probs, self.n_data).mean() + crd_nce_loss(teacher_probs, self.n_data).mean()
-        with torch.no_grad():
-            momentum = self.config.momentum
-            self.memory_student.index_copy_(0, indices, momentum_update(self.memory_student[indices], v_s, momentum))
-            self.memory_teacher.index_copy_(0, indices, momentum_update(self.memory_teacher[indices], v_t, momentum))
+        if pending is None:
+            self.write_memory(indices, v_s.detach(), v_t.detach())
+        else:
+            pending.append((indices, v_s.detach(), v_t.detach()))
         return loss
+
+    @torch.no_grad()
+    def write_memory(self, indices: Tensor, v_s: Tensor, v_t: Tensor) -> None:
+        """Momentum-update the rows at `indices`; under DDP every rank writes every rank's rows.
+
+        Called on every rank every step (with zero rows when nothing was selected), because it holds collectives.
+        The normalisers, fixed by each rank's first batch, are made equal too (the largest one; an unset -1 never
+        wins over a set value).
+        """
+        indices, v_s, v_t = gather_rows(indices, v_s, v_t)
+        momentum = self.config.momentum
+        self.memory_student.index_copy_(0, indices, momentum_update(self.memory_student[indices], v_s, momentum))
+        self.memory_teacher.index_copy_(0, indices, momentum_update(self.memory_teacher[indices], v_t, momentum))
+        if _distributed():
+            z = torch.stack([self.z_student, self.z_teacher])
+            dist.all_reduce(z, op=dist.ReduceOp.MAX)
+            self.z_student.copy_(z[0])
+            self.z_teacher.copy_(z[1])
 
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         if indices is None:
             raise ValueError("CRD needs dataset indices: pass indices= (the batch's positions in the training set)")
         mask = (masks or [None])[0]
 
+        pending: list = []
+
         def on_selected(student: Tensor, teacher: Tensor) -> Tensor:
             keep = slice(None) if mask is None else mask > 0.5
-            return self.contrast(student, teacher, targets[keep], indices[keep])
+            return self.contrast(student, teacher, targets[keep], indices[keep], pending)
 
         term = relational_term(on_selected, student_feats[0], teacher_feats[0], mask, min_samples=1)
+        if pending:
+            self.write_memory(*pending[0])
+        else:  # nothing selected here; still take part in the other ranks' memory exchange
+            empty = self.memory_student.new_zeros((0, self.config.feat_dim))
+            self.write_memory(indices[:0], empty, empty)
         return {f"crd/{self.spot_names[0]}": term}
