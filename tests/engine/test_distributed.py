@@ -34,9 +34,11 @@ def test_two_process_gloo_run(tmp_path):
     assert not any(name.startswith(".") for name in os.listdir(run) if name.endswith(".tmp"))
 
 
-def test_sync_bn_on_cpu_is_a_clear_error():
+def test_frozen_teacher_is_never_wrapped_or_converted():
     from adakd.engine.distributed import DistInfo, wrap_student
 
+    # sync_bn=true on CPU is adakd's own SyncBatchNorm now (tests/engine/test_sync_bn.py); a teacher stays as it is.
     two_cpu_ranks = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
-    with pytest.raises(ValueError, match="sync_bn=true needs CUDA"):
-        wrap_student(models.staged(models.create("resnet8")), two_cpu_ranks, sync_bn=True)
+    teacher = models.frozen(models.create("resnet8"))
+    assert wrap_student(teacher, two_cpu_ranks, sync_bn=True) is teacher
+    assert type(teacher.model.bn1) is torch.nn.BatchNorm2d

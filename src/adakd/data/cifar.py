@@ -31,13 +31,16 @@ _ALLOWED = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle names a global outside _ALLOWED (its message is that global)."""
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals numpy arrays need."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"refused global {module}.{name} (a dataset file holds only arrays, "
-                                         f"lists, bytes and ints)")
+            raise _Refused(f"refused global {module}.{name}")
         if module.startswith("numpy.core") and hasattr(np, "_core"):
             module = "numpy._core" + module[len("numpy.core"):]  # numpy 2 warns on the old alias
         return getattr(importlib.import_module(module), name)
@@ -50,6 +53,9 @@ def load_pickle(path: Path, source: Source) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except _Refused as exc:
+        raise source.error(f"refusing to read {path.name}: {exc} (a CIFAR file holds only arrays, lists, bytes and "
+                           f"ints), so it is not a CIFAR file; nothing in it was executed", path) from None
     except Exception as exc:  # an untrusted file can fail in many ways; each is the same user-facing problem
         raise source.error(f"cannot read {path.name} as a CIFAR pickle ({type(exc).__name__}: {exc}); the file is "
                            f"truncated, corrupt or not the python version", path) from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -251,7 +252,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)  # PyYAML's own text spans several lines; keep one
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -297,6 +301,9 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
     return config
 
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def validate(config: RunConfig) -> None:
     """Range checks that types alone cannot express."""
     for method, entry in config.distill.by_method.items():
@@ -321,6 +328,16 @@ def validate(config: RunConfig) -> None:
         (config.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
         (config.data.test_batch_size >= 1, "data.test_batch_size", "must be >= 1"),
         (config.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (config.data.image_size is None or config.data.image_size >= 1, "data.image_size",
+         "must be >= 1 (or null for the dataset's own size)"),
+        (config.data.train_size is None or config.data.train_size >= 1, "data.train_size",
+         "must be >= 1 (or null for the whole training set)"),
+        (config.data.tiny_aug in ("flip", "crop"), "data.tiny_aug", "must be 'flip' or 'crop'"),
+        (all(m >= 1 for m in config.optim.milestones), "optim.milestones",
+         "must be epochs >= 1 after which the lr decays"),
+        (config.model.width_mult is None or config.model.width_mult > 0, "model.width_mult", "must be > 0"),
+        (config.teacher.width_mult is None or config.teacher.width_mult > 0, "teacher.width_mult", "must be > 0"),
+        (_DEVICE.fullmatch(config.device) is not None, "device", "must be auto, cpu, cuda, cuda:N or mps"),
         (config.distill.temperature > 0, "distill.temperature", "must be > 0"),
         (config.distill.kl_weight >= 0, "distill.kl_weight", "must be >= 0"),
         ((config.distill.ce_weight or 0) >= 0, "distill.ce_weight", "must be >= 0"),
@@ -332,7 +349,14 @@ def validate(config: RunConfig) -> None:
     ]
     for ok, key, message in checks:
         if not ok:
-            raise ConfigError(f"{key} {message}")
+            value: Any = config
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"{key} {message}, got {list(value) if isinstance(value, tuple) else value!r}")
+    args = config.distill.for_method().args
+    value = args.get("temperature")  # a method's own temperature (KD, DKD, CRD) divides its logits
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+        raise ConfigError(f"distill.args.temperature must be > 0 (it divides the logits), got {value}")
 
 
 def dump_yaml(config: RunConfig) -> str:

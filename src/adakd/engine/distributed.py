@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .sync_bn import convert_sync_batchnorm
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -34,7 +36,9 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(preference)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda was requested but CUDA is not available; use device=cpu or device=auto")
+        from adakd.engine.config import ConfigError  # late: config does not import the distributed layer
+
+        raise ConfigError("device=cuda was requested but CUDA is not available; use device=cpu or device=auto")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -59,16 +63,19 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap_student(module: nn.Module, info: DistInfo, sync_bn: bool = False) -> nn.Module:
+def wrap_student(module: nn.Module, info: DistInfo, sync_bn: bool = False,
+                 broadcast_buffers: bool = True) -> nn.Module:
     """DDP around the trainable student only (the frozen teacher is never wrapped)."""
     if not info.distributed:
         return module
+    if not any(p.requires_grad for p in module.parameters()):
+        # A frozen teacher has nothing to synchronise: DDP would refuse it and SyncBN would only add all-reduces.
+        return module
     if sync_bn:
-        if info.device.type != "cuda":
-            raise ValueError("sync_bn=true needs CUDA (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        # torch's SyncBatchNorm on CUDA; on CPU (gloo), where torch's refuses, adakd's own (engine/sync_bn.py).
+        module = convert_sync_batchnorm(module)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -62,6 +62,11 @@ class RunDir:
     def check_new(self) -> None:
         """Raise if the directory exists and is not empty: a run is never overwritten silently."""
         if self.path.exists() and any(self.path.iterdir()):
+            if not self.last_checkpoint.is_file():
+                raise RunDirError(
+                    f"run directory {str(self.path)!r} already exists but holds no last.pth (the run stopped before "
+                    "its first epoch ended), so it cannot be resumed: delete the folder or choose another with "
+                    "name=NEW_NAME (or out_dir=...)")
             raise RunDirError(
                 f"run directory {str(self.path)!r} already exists. Continue it with --resume {self.path}, "
                 "or choose another with name=NEW_NAME (or out_dir=...)"

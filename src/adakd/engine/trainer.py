@@ -67,7 +67,14 @@ def load_data(config: RunConfig, split: str):
 def build_model(spec, num_classes: int, role: str, needs_weights: bool = True) -> torch.nn.Module:
     """Create a zoo model and load its weights strictly if a path is given."""
     kwargs = {"width_mult": spec.width_mult} if spec.width_mult is not None else {}
-    model = models.create(spec.name, num_classes=num_classes, **kwargs)
+    try:
+        model = models.create(spec.name, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        if not kwargs:
+            raise
+        key = "teacher" if role == "teacher" else "model"
+        raise ConfigError(f"{key}.width_mult: {spec.name!r} has no width multiplier ({err}); remove "
+                          f"{key}.width_mult or pick a model that has one") from None
     weights = spec.weights
     if not weights and role == "teacher" and os.environ.get("ADAKD_TEACHERS"):
         # The CRD benchmark's layout of published teachers: <dir>/<name>_vanilla/ckpt_epoch_240.pth.
@@ -167,7 +174,9 @@ class Trainer:
             raise ConfigError(f"strategy.args: {err}") from None
         if distiller is not None and self.dist.distributed and any(p.requires_grad for p in distiller.parameters()):
             # The distiller's heads learn with the student, so their gradients must be averaged across ranks too.
-            self.strategy.distiller_forward = distributed.wrap_student(distiller, self.dist)
+            # No buffer broadcast: CRD keeps its memory banks equal on every rank itself, and broadcasting
+            # 2 x 50,000 x 128 floats every step would cost more than the step.
+            self.strategy.distiller_forward = distributed.wrap_student(distiller, self.dist, broadcast_buffers=False)
         self.lr = base_lr(config.optim, config.data.batch_size)
         self.optimizers = build_optimizers(self.strategy.param_groups(), config.optim, self.lr)
         self.schedule = MultiStepSchedule(config.optim, self.optimizers, self.lr)
@@ -225,10 +234,14 @@ class Trainer:
 
         run_dir = Path(run_dir)
         path = run_dir / "last.pth"
+        if not run_dir.is_dir():
+            raise ConfigError(f"cannot resume {str(run_dir)!r}: no such folder; give the folder of a run")
         if not path.is_file():
             raise ConfigError(f"cannot resume {str(run_dir)!r}: it has no last.pth (nothing was checkpointed yet); "
-                              "start a new run instead")
+                              "delete the folder and start the run again, or start it under another name=")
         state = load_run_checkpoint(path)
+        for stale in run_dir.glob(".*.pth.*.tmp"):  # a save cut short by a crash; the checkpoint itself is intact
+            stale.unlink()
         values = state["config"]
         for text in overrides or []:
             values = merge(values, parse_override(text))
@@ -295,9 +308,11 @@ class Trainer:
                     self.run.write_json(name, value)
                 if self.dist.is_main:
                     state = self._checkpoint(self.run.rows)
-                    save_atomic(state, self.run.last_checkpoint)
+                    # best before last: last.pth is the commit point, so a kill between the two saves redoes the
+                    # epoch on resume (rewriting best.pth) instead of leaving a best.pth older than last.pth's record.
                     if self.best["epoch"] == epoch:
                         save_atomic(state, self.run.best_checkpoint)
+                    save_atomic(state, self.run.last_checkpoint)
                     if progress:
                         print(f"epoch {epoch}/{self.epochs}  loss {row['train/loss']:.4f}  "
                               f"train {row['train/acc1']:.2f}%  test top-1 {test['acc1']:.2f}%  "

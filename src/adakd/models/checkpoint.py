@@ -21,14 +21,25 @@ def load_state_dict_file(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        if not any("Weights only load failed" in line for line in lines):  # a broken pickle stream, not a refusal
+            raise CheckpointError(
+                f"checkpoint {path!r} is truncated or not a PyTorch file (UnpicklingError: "
+                f"{lines[0] if lines else 'no detail'}). Re-download or re-save it."
+            ) from None
+        # torch's message advises weights_only=False; for an untrusted file that would run its code, so we name
+        # only the offending global.
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
         raise CheckpointError(
-            f"refusing to load {path!r}: it holds objects other than tensors and plain containers "
-            f"(weights_only=True rejected it: {str(err).splitlines()[0]}). Re-save only the state_dict."
+            f"refusing to load {path!r}: it holds objects other than tensors and plain containers, and "
+            f"unpickling them could run code ({detail.rstrip('.')}); nothing in it was executed. Re-save only "
+            "the state_dict (torch.save(model.state_dict(), path)) from a source you trust."
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - truncated zip, legacy format, random bytes: all one user problem
+        first = str(err).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(err).strip() else "no detail"
         raise CheckpointError(
-            f"checkpoint {path!r} is truncated or not a PyTorch file ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no detail'}). Re-download or re-save it."
+            f"checkpoint {path!r} is truncated or not a PyTorch file ({type(err).__name__}: {first}). "
+            "Re-download or re-save it."
         ) from None
 
 

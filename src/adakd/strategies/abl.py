@@ -85,8 +85,20 @@ def check_options(opts: ABLOptions) -> None:
     for name in ("meta_every", "log_every"):
         if getattr(opts, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(opts, name)}")
-    if opts.meta_lr <= 0 or opts.fd_xi <= 0:
-        raise ValueError("meta_lr and fd_xi must be > 0")
+    for name in ("meta_lr", "fd_xi"):
+        if not getattr(opts, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(opts, name)}")
+    for name in ("meta_weight_decay", "early_stop_delta"):
+        if not getattr(opts, name) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(opts, name)}")
+    if opts.meta_grad_clip is not None and not opts.meta_grad_clip > 0:
+        raise ValueError(f"meta_grad_clip must be > 0 (or null for no clipping), got {opts.meta_grad_clip}")
+    betas = tuple(opts.meta_betas) if isinstance(opts.meta_betas, (list, tuple)) else ()
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"meta_betas must be two numbers in [0, 1) (Adam's betas), got {opts.meta_betas!r}")
+    for name in ("aux_width", "aux_final_dim"):
+        if getattr(opts, name) is not None and not getattr(opts, name) >= 1:
+            raise ValueError(f"{name} must be >= 1 (or null for the default), got {getattr(opts, name)}")
 
 
 # --------------------------------------------------------------------------------------------------- routing
