@@ -40,9 +40,15 @@ def max_abs_diff(a: dict, b: dict) -> tuple[float, str]:
 
 
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
-@pytest.mark.parametrize("task", ["train", "distill"])
+@pytest.mark.parametrize("task", ["train", "distill", "abl", "abl-search"])
 def test_two_gloo_ranks_give_the_weights_of_one_process(tmp_path, task):
-    args = [task, *COMMON, f"out_dir={tmp_path}"]
+    # ABL averages its hand-made gradients (and, in the search, the validation gradient) across ranks itself.
+    strategy = {"abl": ["strategy=abl-fixed"],
+                "abl-search": ["strategy=abl-search", "strategy.args.warm_steps=1", "strategy.args.meta_steps=3"],
+                }.get(task, [])
+    port = {"train": 29541, "distill": 29542, "abl": 29543, "abl-search": 29544}[task]
+    task = "distill" if task.startswith("abl") else task
+    args = [task, *COMMON, f"out_dir={tmp_path}", *strategy]
     if task == "distill":
         teacher = tmp_path / "resnet14_teacher.pth"
         torch.save({"epoch": 240, "model": models.create("resnet14", num_classes=10).state_dict()}, teacher)
@@ -52,10 +58,14 @@ def test_two_gloo_ranks_give_the_weights_of_one_process(tmp_path, task):
         args += ["teacher.name=resnet14", f"teacher.weights={teacher}", "method=kd", "distill.kl_weight=0.5",
                  "optim.lr=0.01", "optim.epochs=1"]
     run(args + ["name=one"], nproc=1, port=0)
-    run(args + ["name=two"], nproc=2, port=29541 if task == "train" else 29542)
+    run(args + ["name=two"], nproc=2, port=port)
     one, two = (torch.load(tmp_path / name / "last.pth", map_location="cpu", weights_only=True)
                 for name in ("one", "two"))
-    assert one["step"] == two["step"] == (2 if task == "train" else 1) * 128 // 32
+    # train: 2 epochs of 4 global batches; distill: 1 epoch; the ABL search: its 1 + 3 steps.
+    assert one["step"] == two["step"] == (8 if task == "train" else 4)
     diff, where = max_abs_diff(one["model"], two["model"])
     print(f"{task}: max |1 process - 2 processes| = {diff:.3g} at {where}")
     assert diff <= 1e-5, (diff, where)
+    if "strategy=abl-search" in strategy:
+        gammas = [state["strategy"]["gamma"] for state in (one, two)]
+        assert (gammas[0] - gammas[1]).abs().max() <= 1e-6 and gammas[0].abs().max() > 0

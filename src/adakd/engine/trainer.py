@@ -172,6 +172,9 @@ class Trainer:
                                          **strategy_args)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"strategy.args: {err}") from None
+        if config.sync_bn and self.dist.distributed:
+            for module in self.strategy.owned_modules():  # ABL's heads, SAKD's adapters: same batch statistics
+                distributed.convert_sync_batchnorm(module)
         if distiller is not None and self.dist.distributed and any(p.requires_grad for p in distiller.parameters()):
             # The distiller's heads learn with the student, so their gradients must be averaged across ranks too.
             # No buffer broadcast: CRD keeps its memory banks equal on every rank itself, and broadcasting

@@ -362,6 +362,10 @@ class ABLBase(Strategy):
         groups["main"] = groups["main"] + [p for params in self.head_params for p in params]
         return groups
 
+    def owned_modules(self) -> list[nn.Module]:
+        """The auxiliary heads."""
+        return [self.heads]
+
     def train(self, mode: bool = True) -> None:
         """Student, distiller and heads follow `mode`; the teacher stays in eval."""
         super().train(mode)

@@ -128,6 +128,10 @@ class Strategy:
         elif state.get("distiller"):
             raise ValueError("checkpoint holds distiller state but this run has no distiller")
 
+    def owned_modules(self) -> list[nn.Module]:
+        """Trainable modules the strategy builds itself (heads, policy, adapters); the engine may convert their BN."""
+        return []
+
     def evaluate(self, loader) -> dict[str, float]:
         """Extra test metrics (logged as test/<name>) beside the student's own accuracy."""
         return {}

@@ -414,6 +414,10 @@ class SAKD(SpotMasked):
         agent = optimizers.get("agent")
         self.agent_full_lr = [group["lr"] for group in agent.param_groups] if agent is not None else []
 
+    def owned_modules(self) -> list[nn.Module]:
+        """The policy and the adapters."""
+        return [self.policy, self.adapters]
+
     def train(self, mode: bool = True) -> None:
         """Student, distiller, policy and adapters follow `mode`; the teacher stays in eval unless it trains."""
         super().train(mode)
