@@ -40,14 +40,16 @@ def max_abs_diff(a: dict, b: dict) -> tuple[float, str]:
 
 
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
-@pytest.mark.parametrize("task", ["train", "distill", "abl", "abl-search"])
+@pytest.mark.parametrize("task", ["train", "distill", "abl", "abl-search", "sakd"])
 def test_two_gloo_ranks_give_the_weights_of_one_process(tmp_path, task):
     # ABL averages its hand-made gradients (and, in the search, the validation gradient) across ranks itself.
     strategy = {"abl": ["strategy=abl-fixed"],
                 "abl-search": ["strategy=abl-search", "strategy.args.warm_steps=1", "strategy.args.meta_steps=3"],
+                # SAKD's Gumbel noise is drawn for the global batch on every rank, each keeping its own rows.
+                "sakd": ["strategy=sakd"],
                 }.get(task, [])
-    port = {"train": 29541, "distill": 29542, "abl": 29543, "abl-search": 29544}[task]
-    task = "distill" if task.startswith("abl") else task
+    port = {"train": 29541, "distill": 29542, "abl": 29543, "abl-search": 29544, "sakd": 29545}[task]
+    task = "distill" if task != "train" else task
     args = [task, *COMMON, f"out_dir={tmp_path}", *strategy]
     if task == "distill":
         teacher = tmp_path / "resnet14_teacher.pth"

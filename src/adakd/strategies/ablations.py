@@ -15,7 +15,7 @@ from torch import Tensor
 
 from adakd.strategies.base import Strategy
 from adakd.strategies.registry import register_strategy
-from adakd.strategies.sakd import SpotMasked
+from adakd.strategies.sakd import SpotMasked, sample_uniform
 
 
 class _FixedMasks(SpotMasked):
@@ -81,7 +81,7 @@ class Random(_FixedMasks):
 
     def draw_masks(self, batch: int, device: torch.device) -> Tensor:
         """Bernoulli(0.5) masks, the logits column optionally tied to the last feature decision."""
-        masks = (torch.rand(batch, self.layout.num_decisions, device=device) < 0.5).to(torch.float32)
+        masks = (sample_uniform((batch, self.layout.num_decisions), device) < 0.5).to(torch.float32)
         if self.options.rand_kl_mask == "tied" and masks.shape[1] > 1:
             masks[:, -1] = masks[:, -2]
         return masks

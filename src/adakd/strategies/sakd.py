@@ -38,9 +38,22 @@ CIFAR100_ASYM_GAMMA = {"at": 2.0, "vid": 2.0, "rkd": 2.0}
 BOTH_SCRIPT_LOW_EPOCHS = 30
 
 
+def sample_uniform(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """U(0, 1) for this rank's samples, drawn as one process would draw them for the global batch.
+
+    Under DDP the loader deals the global batch out rank::world_size, so every rank draws the whole batch's values
+    and keeps its own rows: the same sample gets the same noise whatever the number of processes.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        full = torch.rand((shape[0] * world, *shape[1:]), device=device, dtype=dtype)
+        return full[dist.get_rank()::world]
+    return torch.rand(shape, device=device, dtype=dtype)
+
+
 def gumbel_noise(like: Tensor) -> Tensor:
     """g = -log(-log(U + eps) + eps), U ~ Uniform(0, 1), on `like`'s device from the torch RNG (§6.1)."""
-    uniform = torch.rand_like(like)
+    uniform = sample_uniform(tuple(like.shape), like.device, like.dtype)
     return -torch.log(-torch.log(uniform + GUMBEL_EPS) + GUMBEL_EPS)
 
 
