@@ -156,6 +156,15 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(err: BaseException) -> str:
+    """The message itself: a DataLoader worker re-raises with its traceback inside, ending in 'Type: message'."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `adakd` console script; bad input exits 2 with one clear line."""
     from adakd.data import DatasetError
@@ -212,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(run_demo(args.out, list(args.overrides), seeds=args.seeds))
             return 0
     except (ConfigError, DatasetError, CheckpointError, RunDirError, UnknownNameError, FileNotFoundError) as err:
-        print(f"adakd: error: {err}", file=sys.stderr)
+        print(f"adakd: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"adakd: error: {err}. The last good checkpoint is kept; lower optim.lr or check the data.",

@@ -246,6 +246,26 @@ def test_corrupt_tiny_imagenet_image(tmp_path, capsys):
     assert snapshot(folder) == before
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_imagenet_image_mid_epoch(tmp_path, capsys, workers):
+    root = tmp_path / "imagenet"
+    for split, per_class in (("train", 2), ("val", 1)):
+        for c, wnid in enumerate(["n01440764", "n01443537"]):
+            for k in range(per_class):
+                path = root / split / wnid / f"{wnid}_{k}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.full((40, 48, 3), 40 * c + k, np.uint8)).save(path)
+    bad = root / "train" / "n01443537" / "n01443537_1.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg")  # ImageFolder lists it; decoding fails only when it is read
+    before = snapshot(root)
+    fails(capsys, ["train", "--preset", "demo", f"out_dir={tmp_path / 'runs'}", "name=run", "data.name=imagenet",
+                   f"data.root={root}", "data.image_size=null", "data.train_size=null", "data.batch_size=2",
+                   "data.test_batch_size=2", f"data.num_workers={workers}", "model.name=resnet18", "optim.epochs=1",
+                   "log.progress=false", "log.tensorboard=false"],
+          "cannot decode image", "n01443537_1.JPEG", "replace or remove the file")
+    assert snapshot(root) == before
+
+
 # ---- checkpoints
 
 

@@ -9,7 +9,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
-from .errors import Source
+from .errors import DatasetError, Source
 
 SOURCE = Source(
     name="imagenet", env="ADAKD_DATA_IMAGENET",
@@ -42,7 +42,12 @@ class FolderDataset(torch.utils.data.Dataset):
         return len(self.folder)
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        image, target = self.folder[index]
+        try:
+            image, target = self.folder[index]
+        except OSError as err:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
+            path = self.folder.samples[index][0]
+            raise DatasetError(f"cannot decode image {path!r} ({type(err).__name__}: {err}); replace or remove the "
+                               "file") from None
         return image, target, index
 
     def __repr__(self) -> str:

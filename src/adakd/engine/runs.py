@@ -49,6 +49,7 @@ class RunDir:
         self.use_tensorboard = tensorboard
         self.rows: list[dict[str, Any]] = []
         self.records: dict[str, list[dict[str, Any]]] = {}
+        self._purge_step: int | None = None
         self._tensorboard = None
 
     @property
@@ -94,6 +95,8 @@ class RunDir:
         """Continue writing metrics (and per-step records) after those saved in the checkpoint."""
         self.rows = list(rows)
         self.records = {name: list(r) for name, r in (records or {}).items()}
+        # Epochs after the checkpoint may have reached TensorBoard before a crash: they are redone, so drop them.
+        self._purge_step = len(self.rows) + 1
 
     def add_records(self, name: str, rows: list[dict[str, Any]]) -> None:
         """Append per-step rows to <name>.csv (rewritten whole, like metrics.csv; rows also go to the checkpoint)."""
@@ -130,7 +133,7 @@ class RunDir:
         if self._tensorboard is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(self.path / "tensorboard"))
+            self._tensorboard = SummaryWriter(str(self.path / "tensorboard"), purge_step=self._purge_step)
         return self._tensorboard
 
     def write_pretrain(self, losses: list[float]) -> None:
