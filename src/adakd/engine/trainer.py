@@ -244,7 +244,7 @@ class Trainer:
                               "delete the folder and start the run again, or start it under another name=")
         state = load_run_checkpoint(path)
         for stale in run_dir.glob(".*.pth.*.tmp"):  # a save cut short by a crash; the checkpoint itself is intact
-            stale.unlink()
+            stale.unlink(missing_ok=True)  # every rank resumes; another may have removed it first
         values = state["config"]
         for text in overrides or []:
             values = merge(values, parse_override(text))
