@@ -91,8 +91,10 @@ def run_pipeline(config: RunConfig | None, seeds: int = 1, root: str | Path | No
 
 def _clear_unfinished(run_dir: Path) -> None:
     """Remove a run folder that holds no checkpoint (only config and metadata were written)."""
-    allowed = {"config.yaml", "meta.json", "split.json", "tensorboard"}
-    leftovers = {p.name for p in run_dir.iterdir()}
+    # Everything a run writes before its first last.pth (a kill can land between any two of these writes).
+    allowed = {"config.yaml", "meta.json", "split.json", "tensorboard", "metrics.csv", "metrics.jsonl",
+               "abl_gamma.csv", "gamma.json", "best.pth", "pretrain.csv"}
+    leftovers = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")}  # temp files of cut writes
     if not leftovers <= allowed:
         raise RunDirError(f"{str(run_dir)!r} holds files but no last.pth: inspect or remove it, then rerun")
     for path in sorted(run_dir.rglob("*"), reverse=True):
