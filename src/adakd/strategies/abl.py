@@ -454,7 +454,7 @@ class ABLBase(Strategy):
                 local.append(_ce(head(source), targets))
             ce = _ce(logits, targets)
         return {"forward": forward, "teacher_out": teacher_out, "spots": spots, "leaves": leaves, "kd": kd,
-                "local": local, "ce": ce, "logits": logits}
+                "local": local, "ce": ce, "logits": logits, "owner": self._spot_blocks(forward, spots)}
 
     def spot_gradients(self, fw: dict[str, Any], scale: float) -> tuple[list, list]:
         """(direct d(beta K)/d(spot) per spot tensor, e for the distiller heads): one call on the leaves."""
@@ -468,9 +468,8 @@ class ABLBase(Strategy):
                  retain: bool) -> tuple[list, list[Tensor | None]]:
         """Top-down §3.2 sweep: (b_l per block if `with_weights`, total KD gradient at every block output h_l)."""
         forward = fw["forward"]
-        owner = self._spot_blocks(forward, fw["spots"])
         by_block: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        for t, g, l in zip(fw["spots"], direct, owner):
+        for t, g, l in zip(fw["spots"], direct, fw["owner"]):
             if g is not None:
                 by_block.setdefault(l, []).append((t, g))
         b: list = [[None] * len(params) for params in self.block_params]
@@ -565,7 +564,7 @@ class ABLBase(Strategy):
                 outputs.append(forward.block_outputs[l])
                 cotangents.append(weight[l] * g)
         boundary = {id(h) for h in forward.block_outputs}
-        for t, g, l in zip(fw["spots"], direct, self._spot_blocks(forward, fw["spots"])):
+        for t, g, l in zip(fw["spots"], direct, fw["owner"]):
             if g is not None and id(t) not in boundary:  # a spot at a block output is already inside at_h
                 outputs.append(t)
                 cotangents.append(weight[l] * g)
@@ -741,8 +740,7 @@ class ABLGlobal(ABLBase):
                     if param.grad is not None:
                         param.grad.mul_(self.p[l, 1])
         self.precision.step(optimizer)
-        parts_terms = {"ce": ce.detach(), **{k: v.detach() for k, v in kd.items()}}
-        out = dict(parts_terms)
+        out = {"ce": ce.detach(), **{k: v.detach() for k, v in kd.items()}}
         out["loss"] = loss.detach()
         out["correct"] = (output.features[-1].detach().argmax(dim=1) == targets).sum()
         return out
@@ -883,6 +881,15 @@ class ABLSearch(ABLBase):
             for m, training in modes:
                 m.training = training
 
+    @contextlib.contextmanager
+    def at_weights(self, params: list[Tensor], values: list[Tensor]) -> Iterator[None]:
+        """Run the body with `params` set to `values`; weights and BatchNorm statistics restored bit for bit after."""
+        with preserved([self.student_module, self.heads, self.distiller], params):
+            with torch.no_grad():
+                for param, value in zip(params, values):
+                    param.copy_(value)
+            yield
+
     def validation_gradient(self, params: list[Tensor], nexts: list[Tensor], images: Tensor, targets: Tensor,
                             indices: Tensor, epoch: int) -> dict[int, Tensor | None]:
         """v = dL_val/dtheta' at w' for the non-last blocks (by parameter id), plus the explicit dL_val/dgamma.
@@ -892,10 +899,7 @@ class ABLSearch(ABLBase):
         wanted_ids = {id(q) for block in self.block_params[:-1] for q in block}
         wanted = [q for q in params if id(q) in wanted_ids]
         composite = self.options.val_objective == "composite"
-        with preserved([self.student_module, self.heads, self.distiller], params):
-            with torch.no_grad():
-                for param, w_next in zip(params, nexts):
-                    param.copy_(w_next)
+        with self.at_weights(params, nexts):
             loss = self.validation_loss(images, targets, indices, epoch)
             grads = torch.autograd.grad(loss, wanted + ([self.gamma] if composite else []), allow_unused=True)
         v: dict[int, Tensor | None] = {id(q): g for q, g in zip(wanted, grads)}
@@ -907,9 +911,7 @@ class ABLSearch(ABLBase):
                            indices: Tensor, epoch: int = 1) -> float:
         """L_val(w'(gamma), gamma) as a number, for checking the hypergradient by finite differences."""
         params, nexts, _ = self.virtual_weights_for(parts, gamma.softmax(dim=1))
-        with preserved([self.student_module, self.heads, self.distiller], params):
-            for param, w_next in zip(params, nexts):
-                param.copy_(w_next)
+        with self.at_weights(params, nexts):
             return float(self.validation_loss(images, targets, indices, epoch, gamma=gamma))
 
     def hypergradient(self, parts: Components, images: Tensor, targets: Tensor, indices: Tensor,
