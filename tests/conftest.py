@@ -6,6 +6,10 @@ import socket
 import pytest
 import torch
 
+# One thread in every test process, whichever files are collected: the suite's timings (and a test's float32
+# rounding) then do not depend on the core count, and a loaded 2-core machine is not oversubscribed.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="e.g. model.name=resnet56 data.name=cifar100 data.root=PATH (needed for a bare checkpoint)")
     ev.add_argument("--preset", action="append", default=[], metavar="NAME")
+    ev.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                    help="for a run folder: score last.pth (default; the number to compare) or best.pth")
     ms = sub.add_parser("models", help="list every model with its parameter count and feature shapes")
     ms.add_argument("pattern", nargs="?", default="*")
     ms.add_argument("--input-size", type=int, default=None, help="input side (default: 32, ImageNet models 224)")
@@ -41,27 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs", help="parent folder of the demo's run directory")
     demo.add_argument("--seeds", type=int, default=3, help="seeds per run (the table shows mean ± std)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
-    sub.add_parser("presets", help="list the shipped presets")
+    pr = sub.add_parser("presets", help="list the shipped presets, or show one")
+    pr.add_argument("name", nargs="?", help="a preset to show as YAML (its base presets merged in)")
     de = sub.add_parser("decisions", help="training samples a trained SAKD policy does not distill at a spot")
     de.add_argument("run_dir")
     de.add_argument("--spot", default="0", help="decision index (0 = first spot) or spot name (e.g. stage2, logits)")
     pl = sub.add_parser("plot", help="draw a run's curves (losses, accuracy, SAKD spot shares, ABL weights and "
                                      "per-block accuracy) as PNG files")
-    pl.add_argument("run_dir")
+    pl.add_argument("run_dir", help="a run folder, or an `adakd abl` folder (each stage is plotted)")
     pl.add_argument("--compare", nargs="+", action="extend", default=[], metavar="OTHER_RUN_DIR",
                     help="ABL runs whose per-block accuracy is drawn beside RUN_DIR's in block_accuracy.png")
-    pl.add_argument("--out", default=None, help="folder for the PNG files (default RUN_DIR/plots)")
+    pl.add_argument("--out", default=None, help="folder for the PNG files (default RUN_DIR/plots; for an "
+                                                "`adakd abl` folder OUT/<stage>, default <stage>/plots)")
     return parser
 
 
 def _run(args: argparse.Namespace, task: str) -> int:
-    from adakd.engine.config import dump_yaml, resolve
+    from adakd.engine.config import ConfigError, dump_yaml, resolve
     from adakd.engine.trainer import Trainer
 
     overrides = list(args.overrides)
     if args.resume:
         if args.preset or args.config:
-            raise SystemExit("adakd: error: --resume takes the run's saved config; give only KEY=VALUE overrides")
+            raise ConfigError("--resume takes the run's saved config; drop --preset/--config and give only "
+                              "KEY=VALUE overrides (e.g. optim.epochs=300)")
         trainer = Trainer.resume(args.resume, overrides)
     else:
         config = resolve(["cifar100", *args.preset], args.config, [f"task={task}", *overrides])
@@ -69,6 +74,7 @@ def _run(args: argparse.Namespace, task: str) -> int:
             print(dump_yaml(config), end="")
             return 0
         trainer = Trainer(config)
+    _watch_run(task, trainer.run.path)
     summary = trainer.fit()
     if trainer.dist.is_main:
         print(format_summary(summary))
@@ -76,18 +82,21 @@ def _run(args: argparse.Namespace, task: str) -> int:
 
 
 def _abl(args: argparse.Namespace) -> int:
-    from adakd.engine.abl_pipeline import format_pipeline, run_pipeline
-    from adakd.engine.config import dump_yaml, resolve
+    from adakd.engine.abl_pipeline import format_pipeline, pipeline_root, run_pipeline
+    from adakd.engine.config import ConfigError, dump_yaml, resolve
 
     if args.resume:
         if args.preset or args.config or args.overrides:
-            raise SystemExit("adakd: error: `adakd abl --resume ROOT` takes the saved pipeline.yaml; give nothing else")
+            raise ConfigError("`adakd abl --resume ROOT` takes the saved pipeline.yaml; drop every --preset, "
+                              "--config and KEY=VALUE")
+        _watch_run("abl", Path(args.resume))
         result = run_pipeline(None, root=args.resume, resume=True)
     else:
         config = resolve(["cifar100", *args.preset], args.config, ["task=distill", *args.overrides])
         if args.print_config:
             print(dump_yaml(config), end="")
             return 0
+        _watch_run("abl", pipeline_root(config))
         result = run_pipeline(config, seeds=args.seeds)
     print(format_pipeline(result))
     return 0
@@ -109,13 +118,23 @@ def _eval(args: argparse.Namespace) -> int:
     from adakd.engine.distributed import pick_device
     from adakd.engine.loop import evaluate
     from adakd.engine.trainer import load_data
+    from adakd.models.checkpoint import CheckpointError
 
     target = Path(args.target)
     overrides = list(args.overrides)
     weights = target
+    epoch = None
     if target.is_dir():
-        weights = target / "best.pth" if (target / "best.pth").is_file() else target / "last.pth"
-        values = load_run_checkpoint(weights)["config"]
+        weights = target / f"{args.checkpoint}.pth"
+        if not weights.is_file():
+            other = "best" if args.checkpoint == "last" else "last"
+            fix = (f"score {other}.pth with --checkpoint {other}" if (target / f"{other}.pth").is_file() else
+                   f"it has no {other}.pth either (--checkpoint {other}): give a run folder that finished an "
+                   "epoch")
+            raise CheckpointError(f"{str(weights)!r} does not exist: run folder {str(target)!r} has no "
+                                  f"{args.checkpoint}.pth; {fix}, or give a checkpoint file")
+        state = load_run_checkpoint(weights)
+        values, epoch = state["config"], state.get("epoch")
         for text in overrides:
             values = merge(values, parse_override(text))
         config = from_dict(values)
@@ -129,7 +148,9 @@ def _eval(args: argparse.Namespace) -> int:
     loader = data.make_loader(test_set, config.data.test_batch_size, train=False, device=device,
                               num_workers=config.data.num_workers)
     result = evaluate(model, loader)
-    print(f"{config.model.name} on {config.data.name} test ({len(test_set)} images) from {weights}: "
+    # Name the epoch that was scored: last and best differ, and only 'last' is a fair comparison.
+    which = f", {args.checkpoint} epoch ({epoch})" if epoch is not None else ""
+    print(f"{config.model.name} on {config.data.name} test ({len(test_set)} images) from {weights}{which}: "
           f"top-1 {result['acc1']:.2f}%  top-5 {result['acc5']:.2f}%  loss {result['loss']:.4f}")
     return 0
 
@@ -150,10 +171,41 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from adakd.engine.config import preset_names
+    import yaml
 
-    print("\n".join(preset_names()))
+    from adakd.engine.config import load_preset, preset_names
+
+    if args.name is None:
+        print("\n".join(preset_names()))
+        print("\n`adakd presets NAME` shows one; apply it with --preset NAME (repeatable, later ones win)")
+        return 0
+    print(f"# preset {args.name} (base presets merged in); apply with --preset {args.name}")
+    print(yaml.safe_dump(load_preset(args.name), sort_keys=False), end="")
     return 0
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse argv with KEY=VALUE overrides allowed anywhere, also after options (`--preset demo epochs=3`)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [token for token in extra if token.startswith("-") or "=" not in token]
+    if stray or (extra and not hasattr(args, "overrides")):
+        hint = ("; config values are set as KEY=VALUE without dashes, e.g. epochs=3 or optim.lr=0.01"
+                if any(token.startswith("--") for token in stray) else "")
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}{hint}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]  # in the order given: later overrides win
+    return args
+
+
+# What a Ctrl-C should tell the user: set once a run folder exists.
+_RESUME_HINT: dict[str, str] = {}
+
+
+def _watch_run(command: str, run_dir: Path) -> None:
+    """Remember how to continue `run_dir` if the user interrupts it."""
+    _RESUME_HINT["text"] = (f"Continue with `adakd {command} --resume {run_dir}` (it restarts the interrupted epoch "
+                            "from the last finished one; a run stopped before its first epoch ended must be "
+                            "started again)")
 
 
 def _one_line(err: BaseException) -> str:
@@ -175,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from adakd.registry import UnknownNameError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if args.version:
         import adakd
 
@@ -203,11 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(" ".join(map(str, skipped)))
             return 0
         if args.command == "plot":
-            from adakd.engine.plots import plot_run
+            from adakd.engine.plots import PlottingUnavailable, plot_run
 
             try:
                 paths = plot_run(args.run_dir, args.out, compare=args.compare)
-            except ValueError as err:  # a run without epochs, or a --compare run that is not ABL
+            # A run without epochs, a --compare run that is not ABL, or no matplotlib.
+            except (ValueError, PlottingUnavailable) as err:
                 print(f"adakd: error: {err}", file=sys.stderr)
                 return 2
             for path in paths:
@@ -223,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError, RunDirError, UnknownNameError, FileNotFoundError) as err:
         print(f"adakd: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"adakd: interrupted. {_RESUME_HINT.get('text', 'Nothing was started.')}", file=sys.stderr)
+        return 130
     except NonFiniteLossError as err:
         print(f"adakd: error: {err}. The last good checkpoint is kept; lower optim.lr or check the data.",
               file=sys.stderr)

@@ -8,6 +8,14 @@ from typing import Any, Callable, Generic, TypeVar
 T = TypeVar("T")
 
 
+def suggestions(name: str, names: list[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The closest of `names` to `name`, case-insensitive first matches first (`KD` -> `kd`)."""
+    lowered = {key.lower(): key for key in names}
+    exact = [key for key in names if key.lower() == str(name).lower()]
+    close = [lowered[key] for key in difflib.get_close_matches(str(name).lower(), list(lowered), n=n, cutoff=cutoff)]
+    return list(dict.fromkeys(exact + close))[:n]
+
+
 class UnknownNameError(KeyError):
     """A registry lookup failed; the message lists the closest names."""
 
@@ -37,7 +45,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> Callable[..., T]:
         """Return the builder for `name`, or raise a KeyError naming the closest entries."""
         if name not in self._builders:
-            close = difflib.get_close_matches(name, list(self._builders), n=3, cutoff=0.5)
+            close = suggestions(name, list(self._builders), cutoff=0.5)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(sorted(self._builders))}"

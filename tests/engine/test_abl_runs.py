@@ -106,7 +106,8 @@ def test_stage_two_uses_the_searched_p(tmp_path):
 def trained_teacher(tmp_path):
     """A resnet8 trained for 2 epochs on all 1,437 digits (about 80 % top-1)."""
     cfg = resolve(["cifar100", "demo"], overrides=[f"out_dir={tmp_path}", "name=teacher", "data.image_size=16",
-                                                   "model.name=resnet8", "optim.epochs=2", "log.progress=false",
+                                                   "model.name=resnet8", "optim.epochs=2", "optim.milestones=[]",
+                                                   "log.progress=false",
                                                    "log.tensorboard=false", "data.train_size=null"])
     summary = Trainer(cfg).fit()
     assert summary["last_acc1"] > 50.0

@@ -157,6 +157,7 @@ def test_missing_or_malformed_config_file(tmp_path, capsys):
     ("model.width_mult=0", "model.width_mult must be > 0"),
     ("device=tpu", "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
     ("log.interval=0", "log.interval must be >= 1"),
+    ("threads=0", "threads must be >= 1"),
 ])
 def test_out_of_range_hyper_parameter(tmp_path, capsys, override, fragment):
     fails(capsys, run_argv(tmp_path, override), fragment)
@@ -427,3 +428,40 @@ def test_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tm
     state = torch.load(tmp_path / "runs" / "run" / "last.pth", weights_only=True)
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# ---- run folders given where a file or a run is expected
+
+
+def test_run_folder_without_last_checkpoint_as_weights(tmp_path, capsys):
+    folder = tmp_path / "my_teacher"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("seed: 0\n")  # a teacher run killed before its first epoch ended
+    before = snapshot(folder)
+    fails(capsys, distill_argv(tmp_path, teacher_weights=folder), f"{str(folder)!r} is a folder without last.pth",
+          "give a checkpoint file", "a run folder that finished an epoch")
+    assert snapshot(folder) == before
+    assert not (tmp_path / "runs").exists()
+
+
+def test_eval_of_a_run_without_the_requested_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    weights(run / "last.pth")  # existence is checked before anything is read
+    before = snapshot(run)
+    fails(capsys, ["eval", str(run), "--checkpoint", "best"], f"{str(run / 'best.pth')!r} does not exist",
+          "has no best.pth", "--checkpoint last")
+    (run / "last.pth").rename(run / "best.pth")
+    fails(capsys, ["eval", str(run)], f"{str(run / 'last.pth')!r} does not exist", "--checkpoint best")
+    assert snapshot(run) == {"best.pth": before["last.pth"]}
+
+
+def test_plot_of_a_folder_that_is_neither_a_run_nor_a_pipeline(tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("mine")
+    fails(capsys, ["plot", str(folder)], f"{str(folder)!r} is neither a run folder", "metrics.csv",
+          "pipeline.yaml", "give the folder of a run")
+    assert snapshot(folder) == {"readme.txt": b"mine"}
+    fails(capsys, ["plot", str(tmp_path / "missing")], "does not exist, so it is neither a run folder")
+    assert not (tmp_path / "missing").exists()

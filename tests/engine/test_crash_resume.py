@@ -222,7 +222,7 @@ def assert_same_state(expected: dict, actual: dict) -> None:
             assert value == b[key], key
 
 
-def rows(path: Path, drop=("train/images_per_s",)) -> list[dict]:
+def rows(path: Path, drop=("train/images_per_s", "time/epoch_s")) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(open(path))]
 
 

@@ -162,9 +162,12 @@ def test_cli_eval_of_a_run(tmp_path, capsys):
 
 
 def test_channels_last_gives_the_same_training_on_cpu(tmp_path):
-    plain = Trainer(config(tmp_path, "optim.epochs=1", "model.name=resnet8", name="plain"))
+    # Two steps: the kernels of the two layouts round differently, and six steps of SGD at lr 0.05 grow that
+    # float32 rounding past 1e-4 on one thread (a layout bug moves weights by far more after one step).
+    short = ["optim.epochs=1", "model.name=resnet8", "data.train_size=64"]
+    plain = Trainer(config(tmp_path, *short, name="plain"))
     plain.fit()
-    nhwc = Trainer(config(tmp_path, "optim.epochs=1", "model.name=resnet8", "channels_last=true", name="nhwc"))
+    nhwc = Trainer(config(tmp_path, *short, "channels_last=true", name="nhwc"))
     assert nhwc.student.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     nhwc.fit()
     for key, value in plain.student.model.state_dict().items():

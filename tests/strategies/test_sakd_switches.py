@@ -58,7 +58,8 @@ def snapshot(module):
 
 def preset_args(preset, method):
     """The distiller args a shipped YAML preset gives `method`."""
-    return dict(resolve(["cifar100", preset], overrides=[f"method={method}"]).distill.for_method().args)
+    config = resolve(["cifar100", preset], overrides=[f"method={method}", "task=distill", "teacher.name=resnet56"])
+    return dict(config.distill.for_method().args)
 
 
 def never_distil_first_spot(strategy):

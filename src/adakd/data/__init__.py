@@ -10,11 +10,12 @@ the device; imagenet is a folder dataset read by a torch DataLoader.
 """
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Any
 
 import torch
+
+from adakd.registry import suggestions
 
 from . import cifar, digits, imagenet, synthetic, tiny_imagenet
 from .arrays import ArrayDataset
@@ -33,7 +34,7 @@ __all__ = ["DATASETS", "ArrayDataset", "ArrayLoader", "DatasetError", "FolderDat
 
 def _module(name: str) -> Any:
     if name not in _MODULES:
-        close = difflib.get_close_matches(name, DATASETS, n=2)
+        close = suggestions(name, list(DATASETS), n=2)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}{hint}")
     return _MODULES[name]

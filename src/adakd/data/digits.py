@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .arrays import ArrayDataset
+from .errors import DatasetError
 
 TEST_PER_CLASS = 36
 SPLIT_SEED = 0
@@ -53,10 +54,15 @@ def info(image_size: int = DEFAULT_SIZE, **_load_options: object) -> dict:
 def load(split: str, root: str | os.PathLike | None = None, *, image_size: int = 32) -> ArrayDataset:
     """The digits `split` ("train" 1,437 or "test" 360) as an ArrayDataset of 3 x image_size x image_size uint8 images.
 
-    root is ignored (the data ships inside scikit-learn). Training augmentation is a random crop with padding
-    image_size // 8 and no flip: a mirrored 2, 3, 5 or 7 is no longer that digit.
+    The data ships inside scikit-learn, so a root is refused rather than ignored (a user who gives one expects it to
+    be read). Training augmentation is a random crop with padding image_size // 8 and no flip: a mirrored 2, 3, 5
+    or 7 is no longer that digit.
     """
     from sklearn.datasets import load_digits  # imported here: only this dataset needs scikit-learn
+
+    if root is not None:
+        raise DatasetError(f"digits: data.root={os.fspath(root)!r} is not read: the digits ship inside scikit-learn. "
+                           "Remove data.root, or pick the dataset that lives there with data.name=...")
 
     digits = load_digits()
     splits = split_indices(digits.target)

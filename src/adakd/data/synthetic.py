@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .arrays import ArrayDataset
+from .errors import DatasetError
 
 NOISE_STD = 48.0  # in 0..255 units: strong enough that a model must learn, weak enough that it learns in few steps
 # Approximate statistics of the generator (templates average 0.5), fixed so they need no data to be known.
@@ -30,6 +31,9 @@ def templates(num_classes: int, image_size: int, seed: int) -> torch.Tensor:
 def load(split: str, root: str | os.PathLike | None = None, *, num_classes: int = 10, image_size: int = 32,
          size: int = 256, seed: int = 0) -> ArrayDataset:
     """`size` balanced samples of `split`; train and test share templates (same seed) but draw different noise."""
+    if root is not None:  # generated in memory: a root the user gave would be silently ignored
+        raise DatasetError(f"synthetic: data.root={os.fspath(root)!r} is not read: the synthetic set is generated in "
+                           "memory. Remove data.root, or pick the dataset that lives there with data.name=...")
     generator = torch.Generator().manual_seed((seed << 2) + _SPLIT_STREAM[split])
     targets = (torch.arange(size) % num_classes)[torch.randperm(size, generator=generator)]
     noise = torch.randn(size, 3, image_size, image_size, generator=generator) * NOISE_STD

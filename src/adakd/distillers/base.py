@@ -123,12 +123,13 @@ def spot_name(stage_names: Sequence[str], index: int) -> str:
 def build_config(cls: type, args: dict[str, Any], where: str) -> Any:
     """Instantiate a distiller's hyper-parameter dataclass, rejecting unknown keys by name."""
     import dataclasses
-    import difflib
+
+    from adakd.registry import suggestions
 
     names = [f.name for f in dataclasses.fields(cls)]
     for key in args:
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            close = suggestions(key, names, n=1)
             hint = f"; did you mean {where}.{close[0]}?" if close else f"; valid keys: {', '.join(names) or 'none'}"
             raise ValueError(f"unknown config key {where}.{key}{hint}")
     return cls(**args)

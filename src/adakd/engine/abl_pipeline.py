@@ -40,6 +40,13 @@ def stage_configs(config: RunConfig, root: Path, seeds: list[int]) -> list[tuple
     return stages
 
 
+def pipeline_root(config: RunConfig) -> Path:
+    """The folder of a new pipeline: out_dir / name, or a name made from the pair, data, method and seed."""
+    name = config.name or (f"abl_{config.teacher.name}-{config.model.name}_{config.data.name}_"
+                           f"{config.distill.method}_seed{config.seed}")
+    return Path(config.out_dir) / name
+
+
 def run_pipeline(config: RunConfig | None, seeds: int = 1, root: str | Path | None = None,
                  resume: bool = False) -> dict[str, Any]:
     """Run (or continue) stage 1 then stage 2 for `seeds` seeds; return every run's summary."""
@@ -48,9 +55,7 @@ def run_pipeline(config: RunConfig | None, seeds: int = 1, root: str | Path | No
     if root is None:
         if config is None:
             raise ValueError("run_pipeline needs a config or the root of a pipeline to resume")
-        name = config.name or (f"abl_{config.teacher.name}-{config.model.name}_{config.data.name}_"
-                               f"{config.distill.method}_seed{config.seed}")
-        root = Path(config.out_dir) / name
+        root = pipeline_root(config)
     root = Path(root)
     plan = root / "pipeline.yaml"
     if resume:
@@ -93,7 +98,7 @@ def _clear_unfinished(run_dir: Path) -> None:
     """Remove a run folder that holds no checkpoint (only config and metadata were written)."""
     # Everything a run writes before its first last.pth (a kill can land between any two of these writes).
     allowed = {"config.yaml", "meta.json", "split.json", "tensorboard", "metrics.csv", "metrics.jsonl",
-               "abl_gamma.csv", "gamma.json", "best.pth", "pretrain.csv"}
+               "abl_gamma.csv", "gamma.json", "best.pth", "pretrain.csv", "log.txt", "teacher.json"}
     leftovers = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")}  # temp files of cut writes
     if not leftovers <= allowed:
         raise RunDirError(f"{str(run_dir)!r} holds files but no last.pth: inspect or remove it, then rerun")

@@ -6,7 +6,7 @@ An unknown key or a value of the wrong type fails with the dotted key and a sugg
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import math
 import re
 import types
 import typing
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+
+from adakd.registry import suggestions
 
 
 class ConfigError(ValueError):
@@ -113,6 +115,9 @@ class RunConfig:
     channels_last: bool = False
     deterministic: bool = False
     sync_bn: bool = False
+    # CPU threads of each process (torch.set_num_threads); null keeps torch's default, one per core, which
+    # oversubscribes a loaded machine (measured 7.5x slower than 1 thread per process under load).
+    threads: int | None = None
     out_dir: str = "runs"
     name: str | None = None  # run directory name; default derived from task, models and method
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="resnet20"))
@@ -173,7 +178,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            close = suggestions(str(key), names, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
@@ -267,7 +272,7 @@ def load_preset(name: str) -> dict[str, Any]:
     """The raw mapping of a shipped preset; presets may name a `base` preset they extend."""
     names = preset_names()
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
+        close = suggestions(name, names)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown preset {name!r}.{hint} Shipped presets: {', '.join(names)}")
     data = yaml.safe_load(resources.files("adakd.presets").joinpath(f"{name}.yaml").read_text()) or {}
@@ -283,15 +288,40 @@ def resolve(
 ) -> RunConfig:
     """Defaults <- presets <- YAML files <- dotted overrides, validated into a RunConfig."""
     values: dict[str, Any] = dict(base or {})
-    for name in presets or []:
-        values = merge(values, load_preset(name))
-    for path in files or []:
-        values = merge(values, read_yaml(path))
+    # The epochs that the milestones in force were written for: a later layer that changes only the epochs
+    # (`epochs=5` on the 240-epoch recipe) scales them, or the lr would never decay.
+    milestone_epochs = _optim_value(values, "epochs") if _optim_value(values, "milestones") is not None else None
+    # The command line is one layer: `optim.milestones=[10] epochs=20` gives both, in either order.
+    command_line: dict[str, Any] = {}
     for text in overrides or []:
-        values = merge(values, parse_override(text))
+        command_line = merge(command_line, parse_override(text))
+    layers = [load_preset(name) for name in presets or []] + [read_yaml(path) for path in files or []] + [command_line]
+    for layer in layers:
+        values = merge(values, layer)
+        if _optim_value(layer, "milestones") is not None:
+            milestone_epochs = _optim_value(values, "epochs")
     config = _build(RunConfig, values)
+    config = scale_milestones(config, OptimConfig.epochs if milestone_epochs is None else milestone_epochs)
     validate(config)
     return config
+
+
+def _optim_value(values: dict[str, Any], key: str) -> Any:
+    """values['optim'][key] when both levels exist, else None."""
+    optim = values.get("optim")
+    return optim.get(key) if isinstance(optim, dict) else None
+
+
+def scale_milestones(config: RunConfig, written_for: Any) -> RunConfig:
+    """The config with its lr milestones scaled from `written_for` epochs to optim.epochs (m * E / E0, rounded).
+
+    Every decay is kept (two may fall on one epoch), so the last epochs run at the recipe's final lr.
+    """
+    epochs = config.optim.epochs
+    if not isinstance(written_for, int) or isinstance(written_for, bool) or written_for < 1 or written_for == epochs:
+        return config
+    scaled = tuple(max(1, math.floor(m * epochs / written_for + 0.5)) for m in config.optim.milestones)
+    return dataclasses.replace(config, optim=dataclasses.replace(config.optim, milestones=scaled))
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:
@@ -343,6 +373,7 @@ def validate(config: RunConfig) -> None:
         ((config.distill.ce_weight or 0) >= 0, "distill.ce_weight", "must be >= 0"),
         ((config.distill.method_weight or 0) >= 0, "distill.method_weight", "must be >= 0"),
         (config.log.interval >= 1, "log.interval", "must be >= 1"),
+        (config.threads is None or config.threads >= 1, "threads", "must be >= 1 (or null for torch's default)"),
         (config.model.name is not None, "model.name", "must name a model, e.g. model.name=resnet20"),
         (config.task != "distill" or config.teacher.name is not None, "teacher.name",
          "must name the teacher for task=distill, e.g. teacher.name=resnet56 teacher.weights=PATH"),
@@ -353,6 +384,19 @@ def validate(config: RunConfig) -> None:
             for part in key.split("."):
                 value = getattr(value, part)
             raise ConfigError(f"{key} {message}, got {list(value) if isinstance(value, tuple) else value!r}")
+    if config.task == "train":
+        # `adakd train` fits model.name alone with cross-entropy: distillation settings would be ignored silently.
+        # teacher.name alone is allowed (a pair preset sets it, and training its student alone is the baseline).
+        ignored = [text for text, given in (
+            (f"teacher.weights={config.teacher.weights}", config.teacher.weights is not None),
+            (f"method={config.distill.method}", config.distill.method != DistillConfig.method),
+            (f"strategy={config.strategy.name}", config.strategy.name != StrategyConfig.name),
+            (f"distill.kl_weight={config.distill.kl_weight}", config.distill.kl_weight != DistillConfig.kl_weight),
+        ) if given]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)}: `adakd train` trains model.name alone with cross-entropy and "
+                              "would ignore this; to distill run `adakd distill` with teacher.name, teacher.weights "
+                              "and method=...")
     args = config.distill.for_method().args
     value = args.get("temperature")  # a method's own temperature (KD, DKD, CRD) divides its logits
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:

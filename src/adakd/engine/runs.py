@@ -6,6 +6,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,31 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def source_commit() -> dict[str, Any] | None:
+    """{'commit', 'dirty'} of the git checkout adakd is imported from (an editable install), else None."""
+    package = Path(adakd.__file__).resolve().parent
+    try:
+        top = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.split()
+        # A venv inside some other repository would answer with that repository: it must hold this very package.
+        if len(top) != 2 or (Path(top[0]) / "src" / "adakd").resolve() != package:
+            return _built_from()
+        status = subprocess.run(["git", "-C", top[0], "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return _built_from()
+    return {"commit": top[1], "dirty": bool(status.strip())}
+
+
+def _built_from() -> dict[str, Any] | None:
+    """The commit recorded when the installed wheel was built from a checkout (setup.py), else None."""
+    path = Path(adakd.__file__).resolve().parent / "_source_commit.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class RunDirError(ValueError):
@@ -89,6 +115,9 @@ class RunDir:
             "seed": config.seed,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        commit = source_commit()
+        if commit is not None:
+            meta["git"] = commit
         write_text_atomic(self.path / "meta.json", json.dumps(meta, indent=2) + "\n")
 
     def resume(self, rows: list[dict[str, Any]], records: dict[str, list[dict[str, Any]]] | None = None) -> None:
@@ -105,6 +134,17 @@ class RunDir:
         self.records.setdefault(name, []).extend(rows)
         if self.enabled:
             write_text_atomic(self.path / f"{name}.csv", _csv(self.records[name]))
+
+    def read_json(self, name: str, default: Any = None) -> Any:
+        """<name>.json of this run, or `default` when it has none."""
+        path = self.path / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else default
+
+    def log_line(self, text: str) -> None:
+        """Append a line to log.txt, the run's plain-text log (what the console showed, with a timestamp)."""
+        if self.enabled and self.path.is_dir():
+            with open(self.path / "log.txt", "a") as handle:
+                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {text}\n")
 
     def write_json(self, name: str, value: Any) -> None:
         """<name>.json, written atomically."""

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import random
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from adakd.engine.checkpoint import FORMAT, load_run_checkpoint, rng_state, save
 from adakd.engine.config import ConfigError, RunConfig, to_dict
 from adakd.engine.loop import evaluate, train_one_epoch
 from adakd.engine.pretrain import freeze_pretrain_parts, pretrain
-from adakd.engine.optim import MultiStepSchedule, base_lr, build_optimizers
+from adakd.engine.optim import MultiStepSchedule, base_lr, build_optimizers, lr_at
 from adakd.engine.runs import RunDir
 from adakd.data.split import endless, stratified_split, subset
 from adakd.strategies.base import LossWeights, Precision
@@ -124,6 +127,8 @@ class Trainer:
         run_path = Path(run_dir) if run_dir else Path(config.out_dir) / (config.name or default_run_name(config))
         if checkpoint is None:
             RunDir(run_path).check_new()  # fail before minutes of data loading, not after
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         self.dist = distributed.setup(config.device)
         seed_everything(config.seed, config.deterministic)
         device = self.dist.device
@@ -143,6 +148,7 @@ class Trainer:
         student = models.staged(build_model(config.model, num_classes, "student"))
         student.to(device, memory_format=memory_format)
         teacher = distiller = None
+        scratch = False
         student_spots: list[int] = []
         teacher_spots: list[int] = []
         if config.task == "distill":
@@ -157,6 +163,8 @@ class Trainer:
             freeze_pretrain_parts(distiller)
         self.student = student
         self.teacher, self.distiller, self.teacher_spots = teacher, distiller, teacher_spots
+        # A teacher redrawn at random (SAKD's scratch ablation) is expected to score at chance: no warning then.
+        self.teacher_is_trained = teacher is not None and not scratch
         weights = self._loss_weights(distiller)
         try:
             wrapped = distributed.wrap_student(student, self.dist, config.sync_bn)
@@ -280,14 +288,64 @@ class Trainer:
             "config": to_dict(self.config),
         }
 
+    def say(self, text: str, warning: bool = False) -> None:
+        """Print a line (with log.progress, or always for a warning) and append it to the run's log.txt."""
+        if not self.dist.is_main:
+            return
+        if warning:
+            text = f"adakd: warning: {text}"
+            print(text, file=sys.stderr, flush=True)
+        elif self.config.log.progress:
+            print(text, flush=True)
+        self.run.log_line(text)
+
+    def schedule_text(self) -> str:
+        """The lr per epoch range, e.g. 'lr 0.05 (epochs 1-150), 0.005 (151-180), ...'."""
+        spans: list[list[Any]] = []
+        for epoch in range(1, self.epochs + 1):
+            value = lr_at(self.config.optim, epoch, self.lr)
+            if spans and spans[-1][0] == value:
+                spans[-1][2] = epoch
+            else:
+                spans.append([value, epoch, epoch])
+        parts = [f"{v:.4g} ({'epoch' if a == b else 'epochs'} {a}{'' if a == b else f'-{b}'})" for v, a, b in spans]
+        milestones = ", ".join(map(str, self.config.optim.milestones)) or "none"
+        return (f"lr schedule over {self.epochs} epochs: {', '.join(parts)} (optim.milestones {milestones}, "
+                "scaled with optim.epochs unless given)")
+
+    def evaluate_teacher(self) -> dict[str, float]:
+        """The teacher's test accuracy, printed and saved; a loud warning when it scores near chance."""
+        result = evaluate(self.teacher.model, self.test_loader, self.precision)
+        chance = 100.0 / self.train_set.num_classes
+        result["chance"] = chance
+        self.say(f"teacher {self.config.teacher.name} on the {self.config.data.name} test split: top-1 "
+                 f"{result['acc1']:.2f}%  top-5 {result['acc5']:.2f}%  (chance {chance:.2f}%)")
+        if self.teacher_is_trained and result["acc1"] < 2 * chance:
+            self.say(f"the teacher scores {result['acc1']:.2f}% top-1, near chance ({chance:.2f}%): it will teach "
+                     "little. Check teacher.weights and teacher.name, and that data.name and data.image_size are "
+                     "those the teacher was trained on", warning=True)
+        self.run.write_json("teacher", result)
+        return result
+
     def fit(self) -> dict[str, Any]:
         """Train until optim.epochs; checkpoint every epoch; return the last/best summary."""
         cfg = self.config
         progress = cfg.log.progress and self.dist.is_main
         try:
+            if self.epoch == 0:
+                self.say(f"run {self.run.path}: {cfg.task} {cfg.model.name}"
+                         + (f" under {cfg.teacher.name} ({cfg.distill.method}, {cfg.strategy.name})"
+                            if cfg.task == "distill" else "") + f" on {cfg.data.name}, seed {cfg.seed}")
+                if self.teacher is not None:
+                    self.evaluate_teacher()
+            else:
+                self.say(f"run {self.run.path}: resumed after epoch {self.epoch}")
+            self.say(self.schedule_text())
             if self.epoch == 0 and self.distiller is not None and self.distiller.pretrain_epochs > 0:
                 self._pretrain(progress)
+            started, first_epoch = time.perf_counter(), self.epoch
             while self.epoch < self.epochs and not self.strategy.should_stop():
+                epoch_start = time.perf_counter()
                 epoch = self.epoch + 1
                 lr = self.schedule.start_epoch(epoch)
                 self.train_loader.set_epoch(epoch)
@@ -302,6 +360,7 @@ class Trainer:
                 row.update({f"test/{k}": v for k, v in test.items()})
                 row.update({f"test/{k}": v for k, v in self.strategy.evaluate(self.test_loader).items()})
                 self.epoch = epoch
+                row["time/epoch_s"] = time.perf_counter() - epoch_start
                 if test["acc1"] > self.best["acc1"]:
                     self.best = {"acc1": test["acc1"], "acc5": test["acc5"], "epoch": epoch}
                 self.run.log_epoch(row)
@@ -316,13 +375,18 @@ class Trainer:
                     if self.best["epoch"] == epoch:
                         save_atomic(state, self.run.best_checkpoint)
                     save_atomic(state, self.run.last_checkpoint)
-                    if progress:
-                        print(f"epoch {epoch}/{self.epochs}  loss {row['train/loss']:.4f}  "
-                              f"train {row['train/acc1']:.2f}%  test top-1 {test['acc1']:.2f}%  "
-                              f"top-5 {test['acc5']:.2f}%  ({row['train/images_per_s']:.0f} img/s)", flush=True)
+                    per_epoch = (time.perf_counter() - started) / (epoch - first_epoch)
+                    eta = datetime.timedelta(seconds=round(per_epoch * (self.epochs - epoch)))
+                    self.say(f"epoch {epoch}/{self.epochs}  loss {row['train/loss']:.4f}  "
+                             f"train {row['train/acc1']:.2f}%  test top-1 {test['acc1']:.2f}%  "
+                             f"top-5 {test['acc5']:.2f}%  ({row['train/images_per_s']:.0f} img/s, "
+                             f"{row['time/epoch_s']:.1f} s/epoch, run ETA {eta})")
                 distributed.barrier()
             summary = self.summary()
             self.run.write_summary(summary)
+            if self.run.rows:
+                self.say(f"done: last epoch ({summary['epochs']}) top-1 {summary['last_acc1']:.2f}%, best epoch "
+                         f"({summary['best_epoch']}) top-1 {summary['best_acc1']:.2f}%")
             return summary
         finally:
             self.run.close()
@@ -352,4 +416,5 @@ class Trainer:
             "best_acc5": self.best.get("acc5"),
             "best_epoch": self.best["epoch"],
             "params": sum(p.numel() for p in self.student.model.parameters()),
+            **({"teacher_acc1": self.run.read_json("teacher", {}).get("acc1")} if self.teacher is not None else {}),
         }

@@ -13,9 +13,23 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be read or does not fit the model."""
 
 
-def load_state_dict_file(path: str | os.PathLike) -> Any:
-    """Read a checkpoint with `weights_only=True` on CPU; a pickled object or a broken file raises."""
+def resolve_checkpoint_path(path: str | os.PathLike) -> str:
+    """The file to read for `path`: the path itself, or a run folder's last.pth."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        last = os.path.join(path, "last.pth")
+        if not os.path.isfile(last):
+            raise CheckpointError(
+                f"{path!r} is a folder without last.pth; give a checkpoint file (.pth/.pt) or a run folder that "
+                "finished an epoch"
+            )
+        return last
+    return path
+
+
+def load_state_dict_file(path: str | os.PathLike) -> Any:
+    """Read a checkpoint (or a run folder's last.pth) with `weights_only=True` on CPU; a pickle or bad file raises."""
+    path = resolve_checkpoint_path(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist; pass the path of a .pth/.pt file")
     try:
@@ -43,15 +57,51 @@ def load_state_dict_file(path: str | os.PathLike) -> Any:
         ) from None
 
 
+# Entries that hold the model's state_dict: adakd, CRD and SAKD save 'model'; timm's train script and PyTorch
+# Lightning 'state_dict'; many hand-written training loops 'model_state_dict'.
+WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
+
+
+def _is_state(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _unwrap(obj: Any) -> tuple[Any, str | None]:
+    """The first wrapper entry holding a dict of tensors, and its key (None: the object as found)."""
+    if isinstance(obj, Mapping):
+        for key in WRAPPER_KEYS:
+            if key in obj and _is_state(obj[key]):
+                return obj[key], key
+    return obj, None
+
+
 def extract_model_state(obj: Any, path: str = "<checkpoint>") -> Mapping[str, Tensor]:
-    """The model state_dict inside a checkpoint: its 'model' entry (CRD, SAKD, adakd) or the dict itself."""
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+    """The model state_dict inside a checkpoint: its 'model', 'state_dict' or 'model_state_dict' entry, or itself."""
+    obj, _ = _unwrap(obj)
+    if not _is_state(obj):
         raise CheckpointError(
-            f"{path!r} holds no state_dict: expected a dict of tensors or a dict with a 'model' entry"
+            f"{path!r} holds no state_dict: expected a dict of tensors or a dict with a "
+            + ", ".join(repr(k) for k in WRAPPER_KEYS[:-1]) + f" or {WRAPPER_KEYS[-1]!r} entry"
         )
     return obj
+
+
+def prefix_candidates(state: Mapping[str, Tensor], depth: int = 2) -> list[tuple[str, Mapping[str, Tensor]]]:
+    """(stripped prefix, state) for the state as found and without up to `depth` leading components every key shares.
+
+    DDP saves `module.<key>`, Lightning `<attribute>.<key>` (e.g. `model.`, `student.`), and both can stack.
+    """
+    found: list[tuple[str, Mapping[str, Tensor]]] = [("", state)]
+    prefix, current = "", state
+    for _ in range(depth):
+        heads = {key.split(".", 1)[0] for key in current}
+        if len(heads) != 1 or not all("." in key for key in current):
+            break
+        head = heads.pop() + "."
+        prefix += head
+        current = {key[len(head):]: value for key, value in current.items()}
+        found.append((prefix, current))
+    return found
 
 
 def describe_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> str:
@@ -73,15 +123,26 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> str:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, model_name: str | None = None) -> nn.Module:
-    """Load a checkpoint into `model` strictly; any key or shape mismatch raises naming the keys."""
-    path = os.fspath(path)
-    state = extract_model_state(load_state_dict_file(path), path)
-    problem = describe_mismatch(model, state)
-    if problem:
-        which = f" {model_name!r}" if model_name else ""
-        raise CheckpointError(
-            f"checkpoint {path!r} does not fit model{which} ({problem}). "
-            "Check that the model name matches the architecture the checkpoint was trained with."
-        )
-    model.load_state_dict(state, strict=True)
-    return model
+    """Load a checkpoint (or a run folder's last.pth) into `model` strictly; a mismatch raises naming the keys.
+
+    A state that does not fit as found is retried without a prefix shared by every key (`module.` of DDP, the
+    LightningModule attribute); only a candidate with exactly the model's keys and shapes is accepted.
+    """
+    path = resolve_checkpoint_path(path)
+    raw = load_state_dict_file(path)
+    state = extract_model_state(raw, path)
+    _, wrapper = _unwrap(raw)
+    candidates = prefix_candidates(state)
+    for _, candidate in candidates:
+        if not describe_mismatch(model, candidate):
+            model.load_state_dict(candidate, strict=True)
+            return model
+    which = f" {model_name!r}" if model_name else ""
+    where = (f"its {wrapper!r} entry" if wrapper else
+             "the top level (no " + ", ".join(repr(k) for k in WRAPPER_KEYS) + " entry)")
+    stripped = "".join(f", without {prefix!r}" for prefix, _ in candidates[1:])
+    raise CheckpointError(
+        f"checkpoint {path!r} does not fit model{which} ({describe_mismatch(model, state)}; read {where}, tried the "
+        f"keys as found{stripped}). Check that the model name matches the architecture the checkpoint was "
+        "trained with."
+    )
