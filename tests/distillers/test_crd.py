@@ -9,7 +9,7 @@ import torch
 
 import adakd.distillers as D
 from adakd.distillers.base import DistillContext
-from adakd.distillers.crd import CRD, CRDConfig, crd_nce_loss, momentum_update
+from adakd.distillers.crd import CRD, CRDConfig, crd_nce_loss, momentum_update, prefer_row_scoring
 from distiller_checks import zoo_model
 
 # Eight samples in three classes of unequal size (3, 3, 2), as in the hand cases below.
@@ -223,6 +223,117 @@ def test_defaults_and_memory_initialisation():
     assert crd.memory_student.shape == (3000, 128) and crd.memory_student.abs().max() <= bound
     assert crd.memory_student.abs().max() > 0.99 * bound
     assert not torch.equal(crd.memory_student, crd.memory_teacher)
+
+
+def graph_ops(tensor: torch.Tensor) -> set[str]:
+    """Names of every autograd node behind `tensor`."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in seen:
+            seen.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return seen
+
+
+def scoring_case(rows: int, batch: int, negatives: int, dtype=torch.float64):
+    """A CRD with a `rows`-row bank, a random contrast [batch, 1 + negatives] and unit anchors needing grad."""
+    targets = torch.arange(rows) % 3
+    crd = CRD(["pooled"], [(5,)], [(6,)], CRDConfig(feat_dim=4, num_negatives=negatives, temperature=0.5),
+              DistillContext(3, targets)).to(dtype)
+    contrast = torch.randint(0, rows, (batch, 1 + negatives))
+    anchor = torch.nn.functional.normalize(torch.randn(batch, 4, dtype=dtype), dim=1).requires_grad_()
+    return crd, contrast, anchor
+
+
+@pytest.mark.parametrize("rows,batch,negatives", [(8, 4, 3), (40, 3, 5)])
+def test_row_scoring_equals_gathering_in_values_and_anchor_gradients(rows, batch, negatives):
+    torch.manual_seed(0)
+    crd, contrast, anchor = scoring_case(rows, batch, negatives)
+    weights = torch.randn(batch, 1 + negatives, dtype=torch.float64)
+    results = {}
+    for by_rows in (True, False):
+        scores = crd._scores(crd.memory_teacher, contrast, anchor, by_rows=by_rows)
+        (grad,) = torch.autograd.grad((scores * weights).sum(), anchor)
+        results[by_rows] = scores.detach(), grad
+    assert torch.allclose(results[True][0], results[False][0], rtol=1e-13, atol=0)
+    assert torch.allclose(results[True][1], results[False][1], rtol=1e-12, atol=1e-14)
+    expected = torch.exp(torch.einsum("bkd,bd->bk", crd.memory_teacher[contrast], anchor.detach()) / 0.5)
+    assert torch.allclose(results[True][0], expected, rtol=1e-13, atol=0)
+
+
+def test_automatic_choice_scores_rows_only_when_the_bank_is_smaller_than_the_contrast():
+    memory = torch.zeros(8, 4)
+    assert prefer_row_scoring(memory, torch.zeros(3, 3, dtype=torch.long))  # 8 rows < 9 contrast entries
+    assert not prefer_row_scoring(memory, torch.zeros(2, 4, dtype=torch.long))  # 8 = 8: gathering is no dearer
+    assert not prefer_row_scoring(memory, torch.zeros(1, 5, dtype=torch.long))
+    torch.manual_seed(0)
+    # 8 rows, B(1 + K) = 2 * 4 = 8 or 3 * 4 = 12: the two sides of the threshold, through _scores itself.
+    for batch, by_rows in ((3, True), (2, False)):
+        crd, contrast, anchor = scoring_case(8, batch, 3)
+        ops = graph_ops(crd._scores(crd.memory_teacher, contrast, anchor))
+        assert ("MmBackward0" in ops and "GatherBackward0" in ops) == by_rows
+        assert ("BmmBackward0" in ops) != by_rows
+    crd.score_by_rows = True  # the switch overrides the shape rule
+    assert "GatherBackward0" in graph_ops(crd._scores(crd.memory_teacher, contrast, anchor))
+
+
+def test_whole_crd_step_with_row_scoring_equals_the_gather_form():
+    """Forward, backward and the memory update, over two steps (the second scores the updated banks)."""
+    rows_crd = tiny_crd()
+    gather_crd = copy.deepcopy(rows_crd)
+    rows_crd.score_by_rows, gather_crd.score_by_rows = True, False
+    torch.manual_seed(3)
+    inputs = [tiny_batch() for _ in range(2)]
+    for step, (student, teacher, targets, indices) in enumerate(inputs):
+        outcome = {}
+        for crd in (rows_crd, gather_crd):
+            crd.zero_grad()
+            leaf = student.detach().clone().requires_grad_()
+            loss = run(crd, leaf, teacher, targets, indices, seed=10 + step)
+            loss.backward()
+            outcome[crd.score_by_rows] = loss.detach(), leaf.grad, [p.grad.clone() for p in crd.parameters()]
+        (loss_r, grad_r, params_r), (loss_g, grad_g, params_g) = outcome[True], outcome[False]
+        assert torch.allclose(loss_r, loss_g, rtol=1e-13, atol=0)
+        assert torch.allclose(grad_r, grad_g, rtol=1e-11, atol=1e-13)
+        assert len(params_r) == 4  # both embedding heads, weight and bias
+        for got, want in zip(params_r, params_g):
+            assert torch.allclose(got, want, rtol=1e-11, atol=1e-13)
+        for name in ("memory_student", "memory_teacher", "z_student", "z_teacher"):
+            assert torch.allclose(getattr(rows_crd, name), getattr(gather_crd, name), rtol=1e-13, atol=1e-15), name
+
+
+def test_in_place_memory_update_does_not_reach_the_row_scored_gradient():
+    crd = tiny_crd()
+    crd.score_by_rows = True
+    untouched = copy.deepcopy(crd)
+    student, teacher, targets, indices = tiny_batch()
+    # Reference: the same loss, but with the memory write held back until after backward.
+    torch.manual_seed(1)
+    leaf = student.detach().clone().requires_grad_()
+    untouched.contrast(leaf, teacher, targets, indices, pending=[]).backward()
+    expected = leaf.grad, [p.grad for p in untouched.parameters()]
+    before = crd.memory_teacher.clone()
+    loss = run(crd, student, teacher, targets, indices)  # writes the banks in place before this backward
+    assert not torch.allclose(crd.memory_teacher[indices], before[indices])  # the update did happen
+    loss.backward()
+    assert torch.allclose(student.grad, expected[0], rtol=1e-12, atol=1e-14)
+    for got, want in zip(crd.parameters(), expected[1]):
+        assert torch.allclose(got.grad, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("by_rows", [True, False])
+def test_scores_stay_float32_under_autocast(by_rows):
+    torch.manual_seed(0)
+    config = CRDConfig(feat_dim=4, num_negatives=5)  # the real temperature, 0.07
+    crd = CRD(["pooled"], [(5,)], [(6,)], config, DistillContext(3, torch.arange(40) % 3))
+    contrast = torch.randint(0, 40, (3, 6))
+    anchor = torch.nn.functional.normalize(torch.randn(3, 4), dim=1).requires_grad_()  # at T = 0.07, exp(<= 14.3)
+    plain = crd._scores(crd.memory_teacher, contrast, anchor, by_rows=by_rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = crd._scores(crd.memory_teacher, contrast, anchor, by_rows=by_rows)
+    assert under_autocast.dtype == torch.float32 and torch.isfinite(under_autocast).all()
+    assert torch.equal(under_autocast, plain)
 
 
 # (teacher, student, CRD embed parameters from model-zoo.md §6)

@@ -183,12 +183,3 @@ def test_ctrl_c_prints_one_line_saying_how_to_resume(tmp_path, capsys, monkeypat
     assert len(err) == 1 and err[0].startswith("adakd: interrupted.")
     assert f"adakd train --resume {tmp_path / 'runs' / 'run'}" in err[0]
 
-
-def test_threads_sets_the_cpu_threads_of_the_run(tmp_path):
-    before = torch.get_num_threads()
-    try:
-        Trainer(resolve(["cifar100", "demo"], None, [f"out_dir={tmp_path}", "threads=2", "data.image_size=8",
-                                                     "data.train_size=64", "model.name=resnet8"]))
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)

@@ -31,6 +31,7 @@ class ModelConfig:
     name: str | None = None
     weights: str | None = None
     width_mult: float | None = None
+    in_chans: int | None = None  # input channels; null: the dataset's (1 for grayscale sets, else 3)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class LogConfig:
     """Logging cadence and sinks."""
 
     interval: int = 50  # steps between host syncs for the progress bar
+    eval_every: int = 1  # epochs between test evaluations; the last epoch is always evaluated
     tensorboard: bool = True
     progress: bool = True
 
@@ -373,6 +375,9 @@ def validate(config: RunConfig) -> None:
         ((config.distill.ce_weight or 0) >= 0, "distill.ce_weight", "must be >= 0"),
         ((config.distill.method_weight or 0) >= 0, "distill.method_weight", "must be >= 0"),
         (config.log.interval >= 1, "log.interval", "must be >= 1"),
+        (config.log.eval_every >= 1, "log.eval_every", "must be >= 1 (epochs between test evaluations)"),
+        (config.model.in_chans is None or config.model.in_chans >= 1, "model.in_chans", "must be >= 1"),
+        (config.teacher.in_chans is None or config.teacher.in_chans >= 1, "teacher.in_chans", "must be >= 1"),
         (config.threads is None or config.threads >= 1, "threads", "must be >= 1 (or null for torch's default)"),
         (config.model.name is not None, "model.name", "must name a model, e.g. model.name=resnet20"),
         (config.task != "distill" or config.teacher.name is not None, "teacher.name",

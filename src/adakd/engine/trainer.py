@@ -25,6 +25,7 @@ from adakd.engine.pretrain import freeze_pretrain_parts, pretrain
 from adakd.engine.optim import MultiStepSchedule, base_lr, build_optimizers, lr_at
 from adakd.engine.runs import RunDir
 from adakd.data.split import endless, stratified_split, subset
+from adakd.models.layers import with_input_channels
 from adakd.strategies.base import LossWeights, Precision
 
 
@@ -67,17 +68,22 @@ def load_data(config: RunConfig, split: str):
     return dataset
 
 
-def build_model(spec, num_classes: int, role: str, needs_weights: bool = True) -> torch.nn.Module:
-    """Create a zoo model and load its weights strictly if a path is given."""
+def build_model(spec, num_classes: int, role: str, needs_weights: bool = True, in_chans: int = 3) -> torch.nn.Module:
+    """Create a zoo model for `in_chans`-channel images and load its weights strictly if a path is given."""
     kwargs = {"width_mult": spec.width_mult} if spec.width_mult is not None else {}
+    key = "teacher" if role == "teacher" else "model"
     try:
         model = models.create(spec.name, num_classes=num_classes, **kwargs)
     except TypeError as err:
         if not kwargs:
             raise
-        key = "teacher" if role == "teacher" else "model"
         raise ConfigError(f"{key}.width_mult: {spec.name!r} has no width multiplier ({err}); remove "
                           f"{key}.width_mult or pick a model that has one") from None
+    channels = spec.in_chans or in_chans
+    try:
+        model = with_input_channels(model, channels)
+    except ValueError as err:
+        raise ConfigError(f"{key}.in_chans={channels}: {err}; give {key}.in_chans=3 with a 3-channel dataset") from None
     weights = spec.weights
     if not weights and role == "teacher" and os.environ.get("ADAKD_TEACHERS"):
         # The CRD benchmark's layout of published teachers: <dir>/<name>_vanilla/ckpt_epoch_240.pth.
@@ -145,7 +151,9 @@ class Trainer:
             raise ConfigError(f"data.batch_size {config.data.batch_size} (the global batch) must be divisible by "
                               f"the {self.dist.world_size} processes")
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        student = models.staged(build_model(config.model, num_classes, "student"))
+        # Grayscale sets train 1-channel models unless model.in_chans says otherwise.
+        channels = self.input_shape[0]
+        student = models.staged(build_model(config.model, num_classes, "student", in_chans=channels))
         student.to(device, memory_format=memory_format)
         teacher = distiller = None
         scratch = False
@@ -154,7 +162,8 @@ class Trainer:
         if config.task == "distill":
             # SAKD's scratch-teacher ablation redraws the teacher's weights, so it needs no file.
             scratch = config.strategy.args.get("teacher_init") == "scratch"
-            teacher = models.frozen(build_model(config.teacher, num_classes, "teacher", needs_weights=not scratch))
+            teacher = models.frozen(build_model(config.teacher, num_classes, "teacher", needs_weights=not scratch,
+                                                in_chans=channels))
             teacher.to(device, memory_format=memory_format)
             # The full training set's targets: a held-out split keeps dataset indices, so CRD's rows cover both parts.
             distiller, student_spots, teacher_spots = build_distiller(
@@ -356,12 +365,15 @@ class Trainer:
                 row.update(train_one_epoch(self.strategy, self.train_loader, epoch, cfg.log.interval, progress,
                                            first_step=self.step))
                 self.step += len(self.train_loader)
-                test = evaluate(self.student.model, self.test_loader, self.precision)
+                # The last epoch is always scored: it is the number a run reports.
+                scored = epoch % cfg.log.eval_every == 0 or epoch == self.epochs or self.strategy.should_stop()
+                test = evaluate(self.student.model, self.test_loader, self.precision) if scored else {}
                 row.update({f"test/{k}": v for k, v in test.items()})
-                row.update({f"test/{k}": v for k, v in self.strategy.evaluate(self.test_loader).items()})
+                if scored:
+                    row.update({f"test/{k}": v for k, v in self.strategy.evaluate(self.test_loader).items()})
                 self.epoch = epoch
                 row["time/epoch_s"] = time.perf_counter() - epoch_start
-                if test["acc1"] > self.best["acc1"]:
+                if scored and test["acc1"] > self.best["acc1"]:
                     self.best = {"acc1": test["acc1"], "acc5": test["acc5"], "epoch": epoch}
                 self.run.log_epoch(row)
                 for name, rows in self.strategy.drain_records().items():
@@ -377,9 +389,9 @@ class Trainer:
                     save_atomic(state, self.run.last_checkpoint)
                     per_epoch = (time.perf_counter() - started) / (epoch - first_epoch)
                     eta = datetime.timedelta(seconds=round(per_epoch * (self.epochs - epoch)))
+                    scores = f"test top-1 {test['acc1']:.2f}%  top-5 {test['acc5']:.2f}%" if scored else "not scored"
                     self.say(f"epoch {epoch}/{self.epochs}  loss {row['train/loss']:.4f}  "
-                             f"train {row['train/acc1']:.2f}%  test top-1 {test['acc1']:.2f}%  "
-                             f"top-5 {test['acc5']:.2f}%  ({row['train/images_per_s']:.0f} img/s, "
+                             f"train {row['train/acc1']:.2f}%  {scores}  ({row['train/images_per_s']:.0f} img/s, "
                              f"{row['time/epoch_s']:.1f} s/epoch, run ETA {eta})")
                 distributed.barrier()
             summary = self.summary()
