@@ -13,12 +13,19 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """Tests must never download: any socket connection raises."""
+    """Tests must never download: any network socket connection raises (local Unix sockets, which DataLoader
+    workers use to pass tensors, stay allowed)."""
+    connect = socket.socket.connect
 
     def refuse(*args, **kwargs):
         raise RuntimeError("a test tried to open a network connection; adakd never downloads")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    def connect_locally(self, *args, **kwargs):
+        if self.family == getattr(socket, "AF_UNIX", None):
+            return connect(self, *args, **kwargs)
+        return refuse()
+
+    monkeypatch.setattr(socket.socket, "connect", connect_locally)
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 

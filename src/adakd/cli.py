@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("pattern", nargs="?", default="*")
     ms.add_argument("--input-size", type=int, default=None, help="input side (default: 32, ImageNet models 224)")
     ms.add_argument("--num-classes", type=int, default=None)
+    ms.add_argument("--source", choices=("zoo", "timm", "torchvision"), default="zoo",
+                    help="adakd's zoo (with sizes and shapes) or the names timm / torchvision offer (names only)")
     demo = sub.add_parser("demo", help="teacher, student alone and student with KD on the embedded digits")
     demo.add_argument("--out", default="runs", help="parent folder of the demo's run directory")
     demo.add_argument("--seeds", type=int, default=3, help="seeds per run (the table shows mean ± std)")
@@ -158,6 +160,12 @@ def _eval(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from adakd import models
 
+    if args.source != "zoo":
+        names = models.available(args.pattern, source=args.source)
+        print("\n".join(names))
+        print(f"{len(names)} {args.source} models; use one as model.name={names[0] if names else 'timm:NAME'} "
+              "(random init; weights from a file with model.weights=PATH)", file=sys.stderr)
+        return 0
     print(f"{'name':<14}{'params':>13}  feature shapes (stem, stages..., pooled, logits)")
     for name in models.available(args.pattern):
         imagenet = name in ("resnet18", "resnet34", "resnet50", "mobilenetv1")
@@ -223,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from adakd.engine.config import ConfigError
     from adakd.engine.loop import NonFiniteLossError
     from adakd.engine.runs import RunDirError
+    from adakd.models.auto_staged import AutoLayoutError
     from adakd.models.checkpoint import CheckpointError
+    from adakd.models.external import ModelSourceError
     from adakd.registry import UnknownNameError
 
     parser = build_parser()
@@ -273,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("--seeds must be >= 1")
             print(run_demo(args.out, list(args.overrides), seeds=args.seeds))
             return 0
-    except (ConfigError, DatasetError, CheckpointError, RunDirError, UnknownNameError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, CheckpointError, RunDirError, UnknownNameError, FileNotFoundError,
+            ModelSourceError, AutoLayoutError) as err:
         print(f"adakd: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

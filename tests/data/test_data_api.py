@@ -8,7 +8,8 @@ from adakd.data import DATASETS, ArrayDataset, DatasetError, dataset_info, load_
 
 
 def test_names_and_errors() -> None:
-    assert DATASETS == ("cifar100", "tiny-imagenet", "imagenet", "digits", "synthetic")
+    assert DATASETS == ("cifar100", "tiny-imagenet", "imagenet", "digits", "synthetic", "mnist", "fashion-mnist",
+                        "svhn", "stl10", "folder")
     assert issubclass(DatasetError, ValueError)
     with pytest.raises(DatasetError, match="unknown dataset 'cifar-100'.*did you mean cifar100"):
         load_dataset("cifar-100", "train")
@@ -22,6 +23,15 @@ def test_dataset_info_needs_no_files(name: str, classes: int, size: int) -> None
     info = dataset_info(name)
     assert (info["num_classes"], info["image_size"], info["channels"]) == (classes, size, 3)
     assert len(info["mean"]) == len(info["std"]) == 3 and all(0 < s < 1 for s in info["std"])
+
+
+@pytest.mark.parametrize("name, channels, size, mean", [("mnist", 1, 28, (0.1307,)), ("fashion-mnist", 1, 28, (0.2860,)),
+                                                         ("svhn", 3, 32, (0.4377, 0.4438, 0.4728)),
+                                                         ("stl10", 3, 96, (0.4467, 0.4398, 0.4066))])
+def test_dataset_info_of_the_new_file_datasets(name: str, channels: int, size: int, mean: tuple) -> None:
+    info = dataset_info(name)
+    assert (info["num_classes"], info["image_size"], info["channels"], info["mean"]) == (10, size, channels, mean)
+    assert len(info["std"]) == channels and dataset_info(name, image_size=64)["image_size"] == 64
 
 
 def test_dataset_info_follows_shape_options() -> None:

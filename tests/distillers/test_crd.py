@@ -150,20 +150,77 @@ def test_all_ones_mask_equals_no_mask_exactly():
     assert torch.equal(crd.memory_student, twin.memory_student) and torch.equal(crd.z_teacher, twin.z_teacher)
 
 
-def test_mask_scores_and_updates_only_the_selected_sub_batch():
-    crd = tiny_crd()
-    twin = copy.deepcopy(crd)
-    before = crd.memory_student.clone()
-    student, teacher, targets, indices = tiny_batch()
-    mask = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
-    masked = run(crd, student, teacher, targets, indices, mask=mask)
+# Three negatives per class, all from other classes of TINY_TARGETS: with these in place of the random draw, a
+# masked batch and its selected sub-batch score the same contrast rows.
+FIXED_NEGATIVES = torch.tensor([[1, 2, 4], [0, 2, 3], [0, 1, 3]])
+
+
+def with_fixed_negatives(crd: CRD) -> CRD:
+    crd.sample_negatives = lambda targets: FIXED_NEGATIVES[targets]
+    return crd
+
+
+def sub_batch_reference(crd: CRD, student, teacher, targets, indices, mask):
+    """The masked CRD term as it was computed before issue 13: the unmasked CRD on the selected sub-batch (its
+    normalisers, its memory rows), times n/B; nothing selected gives a zero and writes nothing."""
     keep = mask > 0.5
-    sub = run(twin, student[keep], teacher[keep], targets[keep], indices[keep])
-    assert torch.allclose(masked, sub * 0.5, atol=1e-14)
-    assert torch.equal(crd.memory_student, twin.memory_student) and torch.equal(crd.z_student, twin.z_student)
-    assert torch.equal(crd.memory_student[indices[~keep]], before[indices[~keep]])
-    masked.backward()
-    assert torch.all(student.grad[~keep] == 0) and torch.all(student.grad[keep].abs().sum(1) > 0)
+    if not keep.any():
+        return student.sum() * 0.0
+    sub = crd([student[keep]], [teacher[keep]], targets[keep], indices=indices[keep])["crd/pooled"]
+    return sub * (int(keep.sum()) / len(mask))
+
+
+MASKS = {
+    "all": [1.0, 1, 1, 1, 1, 1], "none": [0.0, 0, 0, 0, 0, 0], "one": [0.0, 0, 0, 1, 0, 0],
+    "two-apart": [1.0, 0, 0, 0, 0, 1], "two-adjacent": [0.0, 1, 1, 0, 0, 0], "half": [1.0, 0, 1, 0, 0, 1],
+}
+
+
+@pytest.mark.parametrize("by_rows", [True, False])
+@pytest.mark.parametrize("name", list(MASKS))
+def test_mask_equals_the_sub_batch_form_in_loss_gradients_banks_and_normalisers(name, by_rows):
+    # Issue 13: the mask is applied as 0/1 weights on the whole batch (no host sync) instead of selecting a
+    # sub-batch; with the same negatives every number must stay the sub-batch's, over two steps (the second one
+    # scores against the banks and normalisers the first one left).
+    crd = with_fixed_negatives(tiny_crd())
+    crd.score_by_rows = by_rows
+    reference = with_fixed_negatives(copy.deepcopy(crd))
+    initial = crd.memory_student.clone()
+    mask = torch.tensor(MASKS[name], dtype=torch.float64)
+    indices = torch.tensor([0, 1, 2, 6, 4, 5])
+    for step in range(2):
+        student = torch.randn(6, 5, dtype=torch.float64)
+        teacher = torch.randn(6, 6, dtype=torch.float64)
+        leaf_new, leaf_ref = student.clone().requires_grad_(), student.clone().requires_grad_()
+        got = run(crd, leaf_new, teacher, TINY_TARGETS[indices], indices, mask=mask)
+        want = sub_batch_reference(reference, leaf_ref, teacher, TINY_TARGETS[indices], indices, mask)
+        assert abs(got.item() - want.item()) <= 1e-12
+        got.backward()
+        want.backward()
+        ref_grad = torch.zeros_like(student) if leaf_ref.grad is None else leaf_ref.grad
+        assert torch.allclose(leaf_new.grad, ref_grad, rtol=0, atol=1e-12)
+        assert torch.all(leaf_new.grad[mask == 0] == 0)
+        for (key, p), q in zip(crd.named_parameters(), reference.parameters()):
+            want_grad = torch.zeros_like(p) if q.grad is None else q.grad
+            assert torch.allclose(p.grad, want_grad, rtol=0, atol=1e-12), key
+        for key, value in crd.state_dict().items():
+            assert torch.allclose(value, reference.state_dict()[key], rtol=0, atol=1e-14), key
+        crd.zero_grad(), reference.zero_grad()
+    untouched = [i for i, m in zip(indices.tolist(), MASKS[name]) if m == 0]
+    assert torch.equal(crd.memory_student[untouched], initial[untouched])
+
+
+def test_masked_step_never_syncs_with_the_host():
+    from sync_counter import SyncCounter
+
+    crd = tiny_crd()
+    student, teacher, targets, indices = tiny_batch()
+    run(crd, student, teacher, targets, indices, mask=torch.tensor([0.0, 1, 0, 1], dtype=torch.float64))
+    with SyncCounter() as syncs:
+        for mask in ([0.0, 0, 0, 0], [1.0, 0, 0, 1], [1.0, 1, 1, 1]):
+            loss = run(crd, student, teacher, targets, indices, mask=torch.tensor(mask, dtype=torch.float64))
+            loss.backward()
+    assert syncs.count == 0, syncs.report()
 
 
 def test_no_selected_sample_gives_zero_and_no_update_one_gives_a_normal_loss():

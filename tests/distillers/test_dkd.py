@@ -94,3 +94,22 @@ def test_dkd_on_zoo_pairs(teacher_name, student_name):
     assert pair.distiller.defaults == D.DistillerDefaults(ce_weight=1.0, method_weight=1.0, spots=(-1,))
     assert pair.distiller.config == DKDConfig(alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20)
     assert list(pair.out) == ["dkd/logits"] and torch.isfinite(pair.out["dkd/logits"])
+
+
+def test_target_mask_is_built_without_a_host_sync():
+    # Issue 13: one_hot checks the label range with .item() calls; the scatter-built mask gives the same loss.
+    from sync_counter import SyncCounter
+
+    import torch.nn.functional as F
+    from adakd.distillers.dkd import dkd_parts
+
+    student, teacher = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    targets = torch.tensor([0, 4, 2, 2, 1, 3])
+    with SyncCounter() as syncs:
+        tckd, nckd = dkd_parts(student, teacher, targets, 4.0)
+    assert syncs.count == 0, syncs.report()
+    # The one_hot form it replaces: NCKD through the -1000 offset on the target logit, TCKD through the mask.
+    one_hot = F.one_hot(targets, 5).double()
+    rest_s = F.log_softmax(student / 4.0 - 1000.0 * one_hot, dim=1)
+    rest_t = F.log_softmax(teacher / 4.0 - 1000.0 * one_hot, dim=1)
+    assert torch.allclose(nckd, (rest_t.exp() * (rest_t - rest_s)).sum(1) * 16.0, rtol=0, atol=1e-12)

@@ -314,7 +314,7 @@ def test_checkpoint_with_a_pickled_payload_is_not_executed(tmp_path, capsys):
 
 def test_missing_checkpoint(tmp_path, capsys):
     fails(capsys, distill_argv(tmp_path, teacher_weights=tmp_path / "none.pth"), "does not exist",
-          "pass the path of a .pth/.pt file")
+          "pass the path of a .pth/.pt/.safetensors file")
 
 
 # ---- run directories

@@ -15,20 +15,22 @@ from adakd.engine.config import OptimConfig, resolve
 from adakd.engine.optim import MultiStepSchedule, build_optimizers
 from adakd.engine.trainer import Trainer
 from adakd.strategies.base import LossWeights, Precision
-from adakd.strategies.sakd import gumbel_noise, gumbel_softmax_st, routing_loss, tau_at
+from adakd.strategies.sakd import at_least_float32, gumbel_noise, gumbel_softmax_st, routing_loss, tau_at
 
 SIZE = 16
 ADAPTIVE = ("sakd", "sakd-faithful", "anti")
 
 
-def build(name="sakd", method="at", student="resnet8", teacher="resnet14", kl=1.0, seed=0, **options):
+def build(name="sakd", method="at", student="resnet8", teacher="resnet14", kl=1.0, seed=0, dtype=torch.float32,
+          **options):
     """A strategy on random tiny models at 16x16, attached to the engine's optimisers (lr 0.05)."""
     torch.manual_seed(seed)
-    s = models.staged(models.create(student, num_classes=10))
-    t = models.frozen(models.create(teacher, num_classes=10))
+    s = models.staged(models.create(student, num_classes=10)).to(dtype)
+    t = models.frozen(models.create(teacher, num_classes=10)).to(dtype)
     context = DistillContext(num_classes=10, train_targets=torch.arange(64) % 10)
     d, s_spots, t_spots = distillers.create(method, s, t, (3, SIZE, SIZE), context=context,
                                             **({"num_negatives": 16} if method == "crd" else {}))
+    d.to(dtype)
     weights = LossWeights(ce=1.0, method=type(d).defaults.method_weight, kl=kl)
     if name in ADAPTIVE:
         options.setdefault("input_size", SIZE)
@@ -39,9 +41,9 @@ def build(name="sakd", method="at", student="resnet8", teacher="resnet14", kl=1.
     return strategy
 
 
-def batch(size=8, seed=123):
+def batch(size=8, seed=123, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(size, 3, SIZE, SIZE, generator=generator)
+    images = torch.randn(size, 3, SIZE, SIZE, generator=generator, dtype=dtype)
     return images, torch.arange(size) % 10, torch.arange(size)
 
 
@@ -247,6 +249,61 @@ def test_gradient_isolation_matches_the_literal_two_backward_step(name):
     for a, b in zip(params_of(step.teacher), teacher_before):
         assert torch.equal(a, b)
     assert all(p.grad is None for p in step.teacher.parameters())
+
+
+def test_losses_are_computed_in_at_least_float32():
+    # Autocast's float16/bfloat16 logits are widened (CE and softmax would overflow); float32 stays the same tensor
+    # (float32 runs unchanged) and float64 stays float64 (a float64 run is not rounded to float32).
+    for dtype, want in ((torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                        (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        t = torch.randn(3, 4).to(dtype)
+        assert at_least_float32(t).dtype == want
+    same = torch.randn(3)
+    assert at_least_float32(same) is same
+
+
+@pytest.mark.parametrize("name", ["sakd", "sakd-faithful", "anti"])
+def test_float64_step_matches_a_float64_reference(name):
+    # The step's CE, routing CE and policy logits are at least float32 (float16 autocast would overflow), never
+    # narrowed: a float64 run must equal a float64 reference to float64 precision (issue 13). With `.float()` casts
+    # the CE gradients were float32-rounded (~1e-8 relative) and the Gumbel noise was drawn in float32.
+    f64 = torch.float64
+    step, s = build(name, dtype=f64), build(name, dtype=f64)
+    masks_seen = record_decision_masks(step)
+    images, targets, indices = batch(dtype=f64)
+    before = params_of(step.student_module, step.policy, step.adapters)
+    torch.manual_seed(7)
+    step.training_step(images, targets, indices, epoch=1)
+    assert masks_seen[0].dtype == f64
+    # The reference, in float64 throughout: §7 with the losses written out, as in the literal two-backward step.
+    torch.manual_seed(7)
+    teacher_out, student_out = s.teacher(images), s.student(images)
+    logits = s.policy_logits(teacher_out, student_out)
+    decisions = gumbel_softmax_st(logits, s.tau(0))[..., 0]
+    distil = decisions.detach() > 0.5
+    masks = (~distil if s.options.invert_masks else distil).to(f64)
+    z_s, z_t = student_out.features[-1], teacher_out.features[-1]
+    named = s.distiller(s.select(student_out, s.student_spots), s.select(teacher_out, s.teacher_spots), targets,
+                        masks=[masks[:, k] for k in s.layout.spot_decision], indices=indices, epoch=1)
+    temp = s.weights.temperature
+    kl = (torch.nn.functional.kl_div(torch.log_softmax(z_s / temp, 1), torch.log_softmax(z_t / temp, 1),
+                                     log_target=True, reduction="none").sum(1) * temp ** 2 * masks[:, -1]).mean()
+    student_loss = (torch.nn.functional.cross_entropy(z_s, targets) + s.weights.kl * kl
+                    + s.weights.method * torch.stack(list(named.values())).sum())
+    route_ce = torch.nn.functional.cross_entropy(s.route(images, decisions), targets)
+    route_total, _ = routing_loss(route_ce, torch.nn.functional.cross_entropy(z_s, targets), decisions[:, -1],
+                                  s.options.routing_weight, s.asym_gamma, s.options.routing_hinge)
+    s.optimizers["agent"].zero_grad()
+    route_total.backward()
+    s.optimizers["agent"].step()
+    s.optimizers["main"].zero_grad()
+    student_loss.backward()
+    s.optimizers["main"].step()
+    got = torch.cat([(b - a).flatten() for a, b in zip(params_of(step.student_module, step.policy, step.adapters),
+                                                       before)])
+    want = torch.cat([(b - a).flatten() for a, b in zip(params_of(s.student_module, s.policy, s.adapters), before)])
+    assert want.norm() > 0 and got.dtype == f64
+    assert (got - want).norm() <= 1e-12 * want.norm()
 
 
 # §14.11 ----------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""In-memory datasets (CIFAR, tiny-ImageNet, digits, synthetic) held as one uint8 tensor, airbench-style."""
+"""In-memory datasets (CIFAR, tiny-ImageNet, digits, MNIST, SVHN, STL-10, small folders ...) as one uint8 tensor."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 # "crop" exists for digits, where a horizontal flip would turn a digit into another symbol.
 AUGMENTS = ("crop_flip", "crop", "flip", "none")
@@ -72,3 +73,27 @@ class ArrayDataset(torch.utils.data.Dataset):
         n, c, h, w = self.images.shape
         return (f"ArrayDataset({n} images {c}x{h}x{w}, {self.num_classes} classes, augment={self.augment!r}, "
                 f"crop_padding={self.crop_padding})")
+
+
+def resize_images(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """uint8 N x C x H x W -> uint8 N x C x size x size, bilinear with antialiasing; unchanged if already that size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.uint8)
+    # In chunks: a float copy of a whole set (STL-10 train at 96 px is 550 MB) would double the peak memory.
+    for start in range(0, images.shape[0], chunk):
+        part = images[start:start + chunk].to(torch.float32)
+        part = F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[start:start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel (mean, population std) of uint8 N x C x H x W images, in 0..1 units."""
+    counts = torch.stack([torch.bincount(images[:, c].flatten(), minlength=256) for c in range(images.shape[1])])
+    # A 256-bin histogram per channel: exact in float64 and no float copy of the whole set.
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    total = counts.sum(1).to(torch.float64)
+    mean = (counts * values).sum(1) / total
+    var = (counts * values ** 2).sum(1) / total - mean ** 2
+    return tuple(float(m) for m in mean), tuple(float(s) for s in var.clamp_min(0).sqrt())

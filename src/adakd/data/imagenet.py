@@ -21,15 +21,21 @@ INFO = {"num_classes": 1000, "image_size": 224, "channels": 3,
 _FOLDER = {"train": "train", "test": "val"}
 
 
-def make_transform(split: str, mean: tuple[float, ...], std: tuple[float, ...]) -> transforms.Compose:
-    """torchvision's standard ImageNet pipeline: RandomResizedCrop + flip to train, resize 256 + centre crop to test."""
-    geometry = ([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()] if split == "train"
-                else [transforms.Resize(256), transforms.CenterCrop(224)])
+def make_transform(split: str, mean: tuple[float, ...], std: tuple[float, ...], size: int = 224) -> transforms.Compose:
+    """torchvision's standard ImageNet pipeline: RandomResizedCrop + flip to train, resize + centre crop to test.
+
+    The test resize keeps ImageNet's ratio 256 / 224 between the resized short side and the crop.
+    """
+    geometry = ([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()] if split == "train"
+                else [transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size)])
     return transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """An ImageFolder whose items are (normalised image, target, index); the index is what CRD's memory needs."""
+    """An ImageFolder whose items are (normalised image, target, index); the index is what CRD's memory needs.
+
+    `folder` is an ImageFolder or any dataset of (image, target) items with its classes, targets, samples and root.
+    """
 
     def __init__(self, folder: ImageFolder, *, mean: tuple[float, ...], std: tuple[float, ...], augment: str) -> None:
         self.folder = folder

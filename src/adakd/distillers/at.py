@@ -17,6 +17,11 @@ def attention_map(feat: Tensor, p: float) -> Tensor:
     return F.normalize(feat.pow(p).mean(1).flatten(1), dim=1)
 
 
+def token_attention_map(tokens: Tensor, p: float) -> Tensor:
+    """The token analogue of a(f): normalise(mean over channels of t^p): [B, N, C] -> unit-norm [B, N]."""
+    return F.normalize(tokens.pow(p).mean(2), dim=1)
+
+
 def at_loss(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tensor:
     """Per-sample attention transfer: mean over positions of (a(f_s) - a(f_t))^2.
 
@@ -26,6 +31,9 @@ def at_loss(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tenso
     difference (beta/2 * ||a_s - a_t||_2), the code takes the mean of its square (with weight 1000).
     """
     dtype = torch.promote_types(student_feat.dtype, torch.float32)
+    if student_feat.dim() == 3:  # token maps [B, N, C] of a vision transformer: one position per token
+        return (token_attention_map(student_feat.to(dtype), p)
+                - token_attention_map(teacher_feat.to(dtype), p)).pow(2).mean(1)
     student_feat, teacher_feat = pool_to_common_size(student_feat.to(dtype), teacher_feat.to(dtype))
     return (attention_map(student_feat, p) - attention_map(teacher_feat, p)).pow(2).mean(1)
 
@@ -39,7 +47,11 @@ class ATConfig:
 
 @register_distiller("at")
 class AT(Distiller):
-    """Attention transfer at every body stage, one term per stage; weights CE 1, AT 1000 (recipes.md §3)."""
+    """Attention transfer at every body stage, one term per stage; weights CE 1, AT 1000 (recipes.md §3).
+
+    adakd extension: at a spot where both networks give token maps [B, N, C] (vision transformers) the attention
+    is taken over tokens, normalise(mean_c t^2), which is AT's map with one position per token.
+    """
 
     name = "at"
     defaults = DistillerDefaults(ce_weight=1.0, method_weight=1000.0, spots=("stages",))
@@ -47,7 +59,15 @@ class AT(Distiller):
 
     def __init__(self, spot_names, student_shapes, teacher_shapes, config: ATConfig = ATConfig(), context=None) -> None:
         super().__init__(spot_names)
-        require_maps("at", spot_names, student_shapes, teacher_shapes)
+        tokens = [len(s) == 2 and len(t) == 2 for s, t in zip(student_shapes, teacher_shapes)]
+        for spot, s, t, is_tokens in zip(spot_names, student_shapes, teacher_shapes, tokens):
+            if is_tokens and s[0] != t[0]:
+                raise ValueError(f"at compares token attention at spot {spot!r}, but the student has {s[0]} tokens "
+                                 f"and the teacher {t[0]}; give both the same patch grid (img_size / patch_size)")
+        # Token maps (transformers) compare attention over tokens; any other spot must be a spatial map on both.
+        require_maps("at", [n for n, k in zip(spot_names, tokens) if not k],
+                     *[[shape for shape, k in zip(shapes, tokens) if not k] for shapes in (student_shapes,
+                                                                                          teacher_shapes)])
         self.p = config.p
 
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):

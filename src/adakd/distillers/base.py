@@ -140,17 +140,23 @@ def zero_like_loss(reference: Tensor) -> Tensor:
     return reference.sum() * 0.0 if reference.requires_grad else torch.zeros((), device=reference.device)
 
 
+def selection_weights(mask: Tensor, like: Tensor) -> Tensor:
+    """The selected samples (mask > 0.5) as 0/1 weights in the loss precision of `like` (float32 under AMP)."""
+    return (mask > 0.5).to(torch.promote_types(like.dtype, torch.float32))
+
+
 def relational_term(loss_fn, student: Tensor, teacher: Tensor, mask: Tensor | None, min_samples: int = 2) -> Tensor:
     """A batch-relational loss on the selected sub-batch, scaled by its share of the batch (sakd.md §8).
 
-    With no mask this is exactly `loss_fn(student, teacher)`. Fewer than `min_samples` selected samples give a
-    fresh zero (never a NaN multiplied by zero). Boolean selection syncs with the host; relational losses need a
-    data-dependent sub-batch anyway.
+    With no mask this is exactly `loss_fn(student, teacher)`. With one, `loss_fn(student, teacher, weights=w)` must
+    equal the loss of the sub-batch w == 1 (pairs weighted by w_i w_j, normalisers counting selected samples) while
+    keeping the whole batch: the shapes stay static, so nothing waits for the device to count the selection
+    (boolean indexing would sync every step). Fewer than `min_samples` selected samples give exactly zero;
+    `loss_fn` keeps its unused value finite there, so the zero's backward is zero, never a NaN.
     """
     if mask is None:
         return loss_fn(student, teacher)
-    keep = mask > 0.5
-    count = int(keep.sum())
-    if count < min_samples:
-        return zero_like_loss(student)
-    return loss_fn(student[keep], teacher[keep]) * (count / student.shape[0])
+    weights = selection_weights(mask, student)
+    count = weights.sum()
+    value = loss_fn(student, teacher, weights=weights) * (count / student.shape[0])
+    return torch.where(count >= min_samples, value, torch.zeros_like(value))

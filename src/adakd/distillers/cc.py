@@ -11,18 +11,33 @@ from adakd.distillers.base import Distiller, DistillerDefaults, relational_term,
 from adakd.distillers.registry import register_distiller
 
 
-def cc_loss(student_embed: Tensor, teacher_embed: Tensor) -> Tensor:
+def cc_loss(student_embed: Tensor, teacher_embed: Tensor, weights: Tensor | None = None) -> Tensor:
     """Batch-relational mean_i sum_d δ_{i,d}·δ_{i+1,d} with δ = |e_s - e_t|, over consecutive samples i, i+1.
 
     The simplified form the CC authors supplied to HobbitLong/RepDistiller (distiller_zoo/CC.py, issue #15), used
     instead of the paper's kernelised correlation matrices; e_s, e_t are the embedded pooled features. A batch of
     fewer than two samples has no pair and gives a zero (the reference returns NaN). Float32 under AMP.
+
+    `weights` (0/1 per sample) gives the loss of the selected sub-batch on the whole batch: each selected sample
+    pairs with the next selected one (consecutive in the sub-batch), found with a suffix minimum instead of
+    boolean indexing; the mean is over the n - 1 pairs (at least 1, so fewer than two selected stay finite).
     """
-    if student_embed.shape[0] < 2:
+    batch = student_embed.shape[0]
+    if batch < 2:
         return zero_like_loss(student_embed)
     dtype = torch.promote_types(student_embed.dtype, torch.float32)
     delta = (student_embed.to(dtype) - teacher_embed.to(dtype)).abs()
-    return (delta[:-1] * delta[1:]).sum(dim=1).mean()
+    if weights is None:
+        return (delta[:-1] * delta[1:]).sum(dim=1).mean()
+    selected = weights > 0
+    position = torch.arange(batch, device=delta.device)
+    # following[i] = the first selected position after i (batch if none): a suffix minimum shifted by one.
+    at = torch.where(selected, position, batch)
+    following = torch.cat([at.flip(0).cummin(0).values.flip(0)[1:], at.new_full((1,), batch)])
+    has_pair = selected & (following < batch)
+    partner = delta.index_select(0, following.clamp(max=batch - 1))
+    products = (delta * partner).sum(dim=1) * has_pair.to(dtype)
+    return products.sum() / (weights.to(dtype).sum() - 1).clamp(min=1)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adakd.distillers.base import Distiller, DistillerDefaults, relational_term
+from adakd.distillers.base import Distiller, DistillerDefaults, selection_weights
 from adakd.distillers.registry import register_distiller
 
 NCE_EPS = 1e-7
@@ -20,25 +20,21 @@ def _distributed() -> bool:
 
 
 def gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Concatenate each tensor's rows from every rank, in rank order (ranks may hold different row counts).
+    """Concatenate each tensor's rows from every rank, in rank order.
 
-    Under DDP every rank then writes every rank's new memory rows, so the banks stay identical everywhere.
+    Every rank holds the same number of rows: the whole batch, with a mask as 0/1 weights beside it, and the
+    loader gives every rank equal batches (DistributedSampler pads the epoch). So no row counts are exchanged,
+    which would take a host sync each step. Under DDP every rank then writes every rank's new memory rows, so the
+    banks stay identical everywhere.
     """
     if not _distributed():
         return tensors
     world = dist.get_world_size()
-    count = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    longest = max(sizes)
     gathered = []
     for t in tensors:
-        padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
-        padded[:t.shape[0]] = t
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-        gathered.append(torch.cat([part[:n] for part, n in zip(parts, sizes)]))
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        gathered.append(torch.cat(parts))
     return tuple(gathered)
 
 
@@ -88,7 +84,10 @@ class CRD(Distiller):
 
     Departures from RepDistiller: negatives are drawn on the device from other classes WITH replacement (the
     reference draws without replacement unless a class has fewer than K negatives), and with a mask the loss,
-    the normalisers and the memory update use only the selected samples, scaled by n/B (sakd.md §8.3).
+    the normalisers and the memory update use only the selected samples, scaled by n/B (sakd.md §8.3). The mask
+    enters as 0/1 weights on the whole batch (static shapes: no host sync to size a sub-batch), so negatives are
+    drawn for every row, selected or not: the values equal the sub-batch's for the same negatives, but the random
+    stream differs from drawing for the selected rows only.
     """
 
     name = "crd"
@@ -148,41 +147,69 @@ class CRD(Distiller):
                 logits = torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2)
             return torch.exp(logits / self.config.temperature)
 
-    def _normalised(self, scores: Tensor, z: Tensor) -> Tensor:
+    def _normalised(self, scores: Tensor, z: Tensor, weights: Tensor | None = None) -> Tensor:
         # torch.where keeps the "first batch" test on the device (no host sync); dividing by the fresh tensor,
         # not the buffer, lets a second forward run before the first backward.
-        current = torch.where(z < 0, scores.detach().mean() * self.n_data, z)
+        if weights is None:
+            current = torch.where(z < 0, scores.detach().mean() * self.n_data, z)
+            z.copy_(current)
+            return scores / current
+        # The first batch that selects something fixes z from its selected rows' mean score.
+        selected = weights.sum()
+        mean = (scores.detach() * weights[:, None]).sum() / (selected * scores.shape[1]).clamp(min=1)
+        current = torch.where((z < 0) & (selected > 0), mean * self.n_data, z)
         z.copy_(current)
-        return scores / current
+        # Still unset (nothing selected yet): divide by 1 so that the weighted-out rows stay finite.
+        return scores / torch.where(current > 0, current, torch.ones_like(current))
 
     def contrast(self, student: Tensor, teacher: Tensor, targets: Tensor, indices: Tensor,
-                 pending: list | None = None) -> Tensor:
-        """CRD on one (sub-)batch: student-anchored + teacher-anchored NCE; the new memory rows go to `pending`."""
+                 weights: Tensor | None = None, pending: list | None = None) -> Tensor:
+        """CRD on one batch: student-anchored + teacher-anchored NCE, then the memory update (or, given `pending`,
+        its arguments appended there, for a caller that writes later).
+
+        `weights` (0/1 per sample): the loss of the selected samples (the sub-batch's mean times n/B, i.e. their sum
+        over B), the normalisers from them, and only their memory rows updated.
+        """
         dtype = self.memory_student.dtype
         v_s = F.normalize(self.embed_student(student.flatten(1)).to(dtype), dim=1)
         v_t = F.normalize(self.embed_teacher(self.teacher_input(teacher).flatten(1)).to(dtype), dim=1)
         contrast = torch.cat([indices[:, None], self.sample_negatives(targets)], dim=1)
-        student_probs = self._normalised(self._scores(self.memory_teacher, contrast, v_s), self.z_student)
-        teacher_probs = self._normalised(self._scores(self.memory_student, contrast, v_t), self.z_teacher)
-        loss = crd_nce_loss(student_probs, self.n_data).mean() + crd_nce_loss(teacher_probs, self.n_data).mean()
-        if pending is None:
-            self.write_memory(indices, v_s.detach(), v_t.detach())
+        student_probs = self._normalised(self._scores(self.memory_teacher, contrast, v_s), self.z_student, weights)
+        teacher_probs = self._normalised(self._scores(self.memory_student, contrast, v_t), self.z_teacher, weights)
+        student_nce, teacher_nce = crd_nce_loss(student_probs, self.n_data), crd_nce_loss(teacher_probs, self.n_data)
+        if weights is None:
+            loss = student_nce.mean() + teacher_nce.mean()
         else:
-            pending.append((indices, v_s.detach(), v_t.detach()))
+            batch = student.shape[0]
+            loss = (student_nce * weights).sum() / batch + (teacher_nce * weights).sum() / batch
+        if pending is None:
+            self.write_memory(indices, v_s.detach(), v_t.detach(), weights)
+        else:
+            pending.append((indices, v_s.detach(), v_t.detach(), weights))
         return loss
 
     @torch.no_grad()
-    def write_memory(self, indices: Tensor, v_s: Tensor, v_t: Tensor) -> None:
-        """Momentum-update the rows at `indices`; under DDP every rank writes every rank's rows.
+    def write_memory(self, indices: Tensor, v_s: Tensor, v_t: Tensor, weights: Tensor | None = None) -> None:
+        """Momentum-update the rows at `indices` (only those with weight 1); under DDP every rank writes every
+        rank's rows.
 
-        Called on every rank every step (with zero rows when nothing was selected), because it holds collectives.
-        The normalisers, fixed by each rank's first batch, are made equal too (the largest one; an unset -1 never
-        wins over a set value).
+        Called on every rank every step with its whole batch, because it holds collectives. Unselected rows are
+        written back unchanged rather than left out: the write keeps a static shape, so no host sync. (A dataset
+        index appears at most once per step across ranks, as the samplers give it; were it repeated, which copy
+        lands would be unspecified, as it already was for two selected copies.) The normalisers, fixed by each
+        rank's first batch, are made equal too (the largest one; an unset -1 never wins over a set value).
         """
-        indices, v_s, v_t = gather_rows(indices, v_s, v_t)
+        if weights is None:
+            indices, v_s, v_t = gather_rows(indices, v_s, v_t)
+        else:
+            indices, v_s, v_t, weights = gather_rows(indices, v_s, v_t, weights)
         momentum = self.config.momentum
-        self.memory_student.index_copy_(0, indices, momentum_update(self.memory_student[indices], v_s, momentum))
-        self.memory_teacher.index_copy_(0, indices, momentum_update(self.memory_teacher[indices], v_t, momentum))
+        for memory, v in ((self.memory_student, v_s), (self.memory_teacher, v_t)):
+            rows = memory[indices]
+            new = momentum_update(rows, v, momentum)
+            if weights is not None:
+                new = torch.where(weights[:, None] > 0, new, rows)
+            memory.index_copy_(0, indices, new)
         if _distributed():
             z = torch.stack([self.z_student, self.z_teacher])
             dist.all_reduce(z, op=dist.ReduceOp.MAX)
@@ -193,17 +220,6 @@ class CRD(Distiller):
         if indices is None:
             raise ValueError("CRD needs dataset indices: pass indices= (the batch's positions in the training set)")
         mask = (masks or [None])[0]
-
-        pending: list = []
-
-        def on_selected(student: Tensor, teacher: Tensor) -> Tensor:
-            keep = slice(None) if mask is None else mask > 0.5
-            return self.contrast(student, teacher, targets[keep], indices[keep], pending)
-
-        term = relational_term(on_selected, student_feats[0], teacher_feats[0], mask, min_samples=1)
-        if pending:
-            self.write_memory(*pending[0])
-        else:  # nothing selected here; still take part in the other ranks' memory exchange
-            empty = self.memory_student.new_zeros((0, self.config.feat_dim))
-            self.write_memory(indices[:0], empty, empty)
+        weights = None if mask is None else selection_weights(mask, self.memory_student)
+        term = self.contrast(student_feats[0], teacher_feats[0], targets, indices, weights)
         return {f"crd/{self.spot_names[0]}": term}

@@ -32,7 +32,9 @@ def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32 under AMP, float64 kept
     student = student_logits.to(dtype) / temperature
     teacher = teacher_logits.to(dtype) / temperature
-    target_mask = F.one_hot(targets, student.shape[1]).to(dtype)
+    # The one-hot rows by scatter, as one_hot builds them, without one_hot's host-side label range checks (a
+    # .item() per call wherever they run; out-of-range labels still fail in scatter).
+    target_mask = torch.zeros_like(student).scatter_(1, targets[:, None], 1.0)
     binary_student = _binary_log_probs(student, targets, target_mask)
     binary_teacher = _binary_log_probs(teacher, targets, target_mask)
     tckd = (binary_teacher.exp() * (binary_teacher - binary_student)).sum(1)

@@ -11,14 +11,20 @@ from adakd.distillers.base import Distiller, DistillerDefaults, relational_term
 from adakd.distillers.registry import register_distiller
 
 
-def _affinity(feat: Tensor, eps: float) -> Tensor:
+def _affinity(feat: Tensor, eps: float, weights: Tensor | None = None) -> Tensor:
     flat = feat.reshape(feat.shape[0], -1)
     unit = flat / (flat.norm(dim=1, keepdim=True) + eps)
     cosine = (unit @ unit.t() + 1.0) / 2.0
-    return cosine / cosine.sum(dim=1, keepdim=True)
+    if weights is None:
+        return cosine / cosine.sum(dim=1, keepdim=True)
+    # Rows normalised over the selected columns only, as in the sub-batch. A selected row's sum holds its own
+    # c_ii >= 1/2; an unselected row (weighted out later) divides by 1 so that it stays finite whatever is selected.
+    cosine = cosine * weights[None, :]
+    rows = cosine.sum(dim=1, keepdim=True)
+    return cosine / torch.where(weights[:, None] > 0, rows, torch.ones_like(rows))
 
 
-def pkt_loss(student_feat: Tensor, teacher_feat: Tensor, eps: float = 1e-7) -> Tensor:
+def pkt_loss(student_feat: Tensor, teacher_feat: Tensor, eps: float = 1e-7, weights: Tensor | None = None) -> Tensor:
     """Batch-relational mean_ij p^t_ij · log((p^t_ij + eps) / (p^s_ij + eps)).
 
     p_ij = c_ij / sum_k c_ik with c_ij = (cos(f_i, f_j) + 1) / 2 and rows L2-normalised as f / (||f|| + eps)
@@ -26,13 +32,20 @@ def pkt_loss(student_feat: Tensor, teacher_feat: Tensor, eps: float = 1e-7) -> T
     HobbitLong/RepDistiller:distiller_zoo/PKT.py, which takes the mean over all B² entries rather than the paper's
     sum; the reference's NaN-to-zero step after normalising is dropped, since the +eps already keeps a zero row
     finite. One scalar for the batch; float32 under AMP.
+
+    `weights` (0/1 per sample) gives the loss of the selected sub-batch on the whole batch: entries weighted by
+    w_i w_j, the mean taken over the n² selected ones (n at least 1, so an empty selection stays finite).
     """
     dtype = torch.promote_types(student_feat.dtype, torch.float32)
     # eps = 1e-7 is below float16 resolution near 1: keep the cosine matmuls out of autocast.
     with torch.autocast(student_feat.device.type, enabled=False):
-        p_student = _affinity(student_feat.to(dtype), eps)
-        p_teacher = _affinity(teacher_feat.to(dtype), eps)
-        return (p_teacher * torch.log((p_teacher + eps) / (p_student + eps))).mean()
+        p_student = _affinity(student_feat.to(dtype), eps, weights)
+        p_teacher = _affinity(teacher_feat.to(dtype), eps, weights)
+        divergence = p_teacher * torch.log((p_teacher + eps) / (p_student + eps))
+        if weights is None:
+            return divergence.mean()
+        pairs = weights[:, None] * weights[None, :]
+        return (divergence * pairs).sum() / weights.sum().clamp(min=1) ** 2
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,16 @@ from adakd.distillers.base import Distiller, DistillerDefaults, relational_term
 from adakd.distillers.registry import register_distiller
 
 
-def _similarity(feat: Tensor) -> Tensor:
+def _similarity(feat: Tensor, weights: Tensor | None = None) -> Tensor:
     flat = feat.reshape(feat.shape[0], -1)
-    return F.normalize(flat @ flat.t(), dim=1)
+    gram = flat @ flat.t()
+    if weights is not None:
+        # Zeroed columns: each row is normalised over the selected samples only, as in the sub-batch's G.
+        gram = gram * weights[None, :]
+    return F.normalize(gram, dim=1)
 
 
-def sp_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+def sp_loss(student_feat: Tensor, teacher_feat: Tensor, weights: Tensor | None = None) -> Tensor:
     """Batch-relational ||G_t - G_s||_F^2 / B^2 with G = row-wise L2-normalised F·Fᵀ of the flattened maps.
 
     Tung & Mori, ICCV 2019; follows HobbitLong/RepDistiller:distiller_zoo/SP.py (verified there by
@@ -26,8 +30,11 @@ def sp_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     dtype = torch.promote_types(student_feat.dtype, torch.float32)
     # Dot products of maps with thousands of entries overflow float16: keep the matmuls out of autocast.
     with torch.autocast(student_feat.device.type, enabled=False):
-        diff = _similarity(teacher_feat.to(dtype)) - _similarity(student_feat.to(dtype))
-        return diff.pow(2).sum() / student_feat.shape[0] ** 2
+        diff = _similarity(teacher_feat.to(dtype), weights) - _similarity(student_feat.to(dtype), weights)
+        if weights is None:
+            return diff.pow(2).sum() / student_feat.shape[0] ** 2
+        pairs = weights[:, None] * weights[None, :]
+        return (diff.pow(2) * pairs).sum() / weights.sum().clamp(min=1) ** 2
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ class ModelConfig:
     weights: str | None = None
     width_mult: float | None = None
     in_chans: int | None = None  # input channels; null: the dataset's (1 for grayscale sets, else 3)
+    pretrained: bool = False  # only with `weights`: adakd never downloads
+    args: dict[str, Any] = field(default_factory=dict)  # extra builder arguments, e.g. timm's img_size, drop_rate
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class DataConfig:
     image_size: int | None = None
     tiny_aug: str = "flip"
     train_size: int | None = None  # keep only the first N training samples (quick experiments)
+    in_memory: bool | None = None  # folder datasets: hold decoded images in memory; null: when under 2 GiB
 
 
 @dataclass(frozen=True)
@@ -402,6 +405,11 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"{', '.join(ignored)}: `adakd train` trains model.name alone with cross-entropy and "
                               "would ignore this; to distill run `adakd distill` with teacher.name, teacher.weights "
                               "and method=...")
+    for key, spec in (("model", config.model), ("teacher", config.teacher)):
+        if spec.pretrained and not spec.weights:
+            raise ConfigError(f"{key}.pretrained=true: adakd never downloads weights. Download the pretrained "
+                              f"weights of {spec.name} yourself (a state_dict .pth or a .safetensors file, e.g. from "
+                              f"the timm or torchvision model page) and pass it as {key}.weights=PATH")
     args = config.distill.for_method().args
     value = args.get("temperature")  # a method's own temperature (KD, DKD, CRD) divides its logits
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:

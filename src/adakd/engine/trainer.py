@@ -57,11 +57,20 @@ def load_data(config: RunConfig, split: str):
         options["image_size"] = config.data.image_size
     if config.data.name == "tiny-imagenet":
         options["tiny_aug"] = config.data.tiny_aug
-    dataset = datasets.load_dataset(config.data.name, split, root=config.data.root, **options)
+    if config.data.in_memory is not None:
+        options["in_memory"] = config.data.in_memory
+    try:
+        dataset = datasets.load_dataset(config.data.name, split, root=config.data.root, **options)
+    except TypeError as err:  # an option the dataset does not take
+        if "in_memory" not in str(err):
+            raise
+        raise ConfigError(f"data.in_memory applies to folder datasets, not {config.data.name}; remove it") from None
     size = config.data.train_size
     if split == "train" and size is not None:
         if not isinstance(dataset, datasets.ArrayDataset):
-            raise ConfigError("data.train_size works only for in-memory datasets (cifar100, tiny-imagenet, digits)")
+            raise ConfigError(f"data.train_size works only for datasets held in memory, and {config.data.name} "
+                              "streams from disk here; for a folder set give data.in_memory=true, or remove "
+                              "data.train_size")
         dataset = datasets.ArrayDataset(
             dataset.images[:size], dataset.targets[:size], classes=dataset.classes, mean=dataset.mean,
             std=dataset.std, augment=dataset.augment, crop_padding=dataset.crop_padding)
@@ -71,19 +80,28 @@ def load_data(config: RunConfig, split: str):
 def build_model(spec, num_classes: int, role: str, needs_weights: bool = True, in_chans: int = 3) -> torch.nn.Module:
     """Create a zoo model for `in_chans`-channel images and load its weights strictly if a path is given."""
     kwargs = {"width_mult": spec.width_mult} if spec.width_mult is not None else {}
+    kwargs.update(spec.args)
     key = "teacher" if role == "teacher" else "model"
+    channels = spec.in_chans or in_chans
+    external = ":" in spec.name  # timm / torchvision build for any channel count themselves
+    if external:
+        kwargs["in_chans"] = channels
     try:
         model = models.create(spec.name, num_classes=num_classes, **kwargs)
     except TypeError as err:
-        if not kwargs:
+        if spec.width_mult is None and not spec.args:
             raise
-        raise ConfigError(f"{key}.width_mult: {spec.name!r} has no width multiplier ({err}); remove "
-                          f"{key}.width_mult or pick a model that has one") from None
-    channels = spec.in_chans or in_chans
-    try:
-        model = with_input_channels(model, channels)
-    except ValueError as err:
-        raise ConfigError(f"{key}.in_chans={channels}: {err}; give {key}.in_chans=3 with a 3-channel dataset") from None
+        if not spec.args:
+            raise ConfigError(f"{key}.width_mult: {spec.name!r} has no width multiplier ({err}); remove "
+                              f"{key}.width_mult or pick a model that has one") from None
+        raise ConfigError(f"{key}.args: {spec.name!r} does not take {', '.join(spec.args)} ({err}); remove them or "
+                          "pick a model that has them") from None
+    if not external:
+        try:
+            model = with_input_channels(model, channels)
+        except ValueError as err:
+            raise ConfigError(f"{key}.in_chans={channels}: {err}; give {key}.in_chans=3 with a 3-channel "
+                              "dataset") from None
     weights = spec.weights
     if not weights and role == "teacher" and os.environ.get("ADAKD_TEACHERS"):
         # The CRD benchmark's layout of published teachers: <dir>/<name>_vanilla/ckpt_epoch_240.pth.
@@ -116,9 +134,9 @@ def build_distiller(config: RunConfig, student, teacher, input_shape, train_targ
 
 def check_names(config: RunConfig) -> None:
     """Unknown model, teacher, distiller, strategy or dataset names fail at once, with suggestions."""
-    models.registry.MODELS.get(config.model.name)
+    models.registry.check_name(config.model.name)
     if config.task == "distill":
-        models.registry.MODELS.get(config.teacher.name)
+        models.registry.check_name(config.teacher.name)
         distillers.get(config.distill.method)
     strategies.get(config.strategy.name)
     datasets.dataset_info(config.data.name)
@@ -203,7 +221,8 @@ class Trainer:
         self.precision = Precision(device, config.amp)
         loader_args = dict(device=device, seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
                            num_workers=config.data.num_workers)
-        self.train_loader = datasets.make_loader(self.train_set, self.batch, train=True, **loader_args)
+        self.train_loader = datasets.make_loader(self.train_set, self.batch, train=True,
+                                                 drop_last=self.single_sample_tail(self.train_set), **loader_args)
         self.test_loader = datasets.make_loader(
             self.test_set, max(1, config.data.test_batch_size // self.dist.world_size), train=False, **loader_args)
         # A strategy bounded in iterations (ABL's search) runs as many epochs as they need.
@@ -222,8 +241,18 @@ class Trainer:
             # The held-out stream continues where the checkpoint left it: its position is the batches consumed.
             val_loader = datasets.make_loader(
                 self.val_set, self.batch, train=True, device=device, seed=(config.seed + 4099) % 65536,
-                rank=self.dist.rank, world_size=self.dist.world_size, num_workers=config.data.num_workers)
+                rank=self.dist.rank, world_size=self.dist.world_size, num_workers=config.data.num_workers,
+                drop_last=self.single_sample_tail(self.val_set))
             self.strategy.attach_validation(endless(val_loader, self.strategy.validation_batches_used))
+
+    def single_sample_tail(self, dataset) -> bool:
+        """Whether an epoch would end on a batch of one sample, which is then dropped.
+
+        BatchNorm cannot normalise one sample on a 1 x 1 map in training (timm and torchvision models at CIFAR
+        sizes reach 1 x 1), and a one-sample step is mostly noise; any other tail batch is kept, as the papers do.
+        """
+        per_rank = math.ceil(len(dataset) / self.dist.world_size)
+        return per_rank % self.batch == 1 and per_rank > 1
 
     def _hold_out(self, strategy_cls) -> None:
         """Split the training set, stratified by class, for a strategy that learns on a held-out part (§6.1)."""

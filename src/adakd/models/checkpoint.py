@@ -1,4 +1,4 @@
-"""Strict, safe loading of model weights from CRD-benchmark, torchvision or adakd files."""
+"""Strict, safe loading of model weights from CRD-benchmark, torchvision, timm or adakd files (.pth or .safetensors)."""
 from __future__ import annotations
 
 import os
@@ -27,11 +27,28 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> str:
     return path
 
 
+def _load_safetensors(path: str) -> dict[str, Tensor]:
+    """A .safetensors file's tensors on CPU (the format holds tensors only, so nothing can run)."""
+    try:
+        from safetensors.torch import load_file  # imported here: only .safetensors files need the package
+    except ImportError:
+        raise CheckpointError(f"{path!r} is a .safetensors file; reading it needs the safetensors package: "
+                              'pip install safetensors (pip install "adakd[timm]" brings it)') from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as err:  # noqa: BLE001 - a bad header or a cut file: one user problem
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
+        raise CheckpointError(f"checkpoint {path!r} is truncated or not a safetensors file ({type(err).__name__}: "
+                              f"{first}). Re-download or re-save it.") from None
+
+
 def load_state_dict_file(path: str | os.PathLike) -> Any:
-    """Read a checkpoint (or a run folder's last.pth) with `weights_only=True` on CPU; a pickle or bad file raises."""
+    """Read a checkpoint (or a run folder's last.pth) on CPU: .safetensors, or torch with `weights_only=True`."""
     path = resolve_checkpoint_path(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist; pass the path of a .pth/.pt file")
+        raise CheckpointError(f"checkpoint {path!r} does not exist; pass the path of a .pth/.pt/.safetensors file")
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

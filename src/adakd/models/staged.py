@@ -1,7 +1,8 @@
 """The staged view: any zoo model as ordered stages and fine-grained blocks.
 
 A family file describes its model with `@register_layout(ModelClass)`: a function returning the ordered
-`Stage`s `[stem, stage1 .. stageN, pool, head]`, each a list of blocks that reuse the model's own modules.
+`Stage`s `[stem, stage1 .. stageN, pool, head]`, each a list of blocks that reuse the model's own modules. A model
+without one (timm, torchvision, your own) is cut automatically from its traced forward (`auto_staged.py`).
 The view never copies or renames parameters, so `model.state_dict()` keys are unchanged.
 
 Feature indices (the "spots" of every distiller) are stage indices: f0 = stem output, f1..fN = stage
@@ -80,12 +81,19 @@ class StagedModel(nn.Module):
         super().__init__()
         layout = _LAYOUTS.get(type(model))
         if layout is None:
-            raise TypeError(
-                f"{type(model).__name__} has no stage layout; register one with "
-                "@adakd.models.staged.register_layout(YourModelClass)"
-            )
+            # timm / torchvision / user models: cut the traced forward (adakd/models/auto_staged.py).
+            from adakd.models.auto_staged import AutoLayoutError, auto_stages
+
+            try:
+                stages = auto_stages(model)
+            except AutoLayoutError as err:
+                raise AutoLayoutError(
+                    f"{type(model).__name__} has no registered stage layout and cannot be staged automatically: {err}"
+                ) from None
+        else:
+            stages = layout(model)
         self.model = model
-        self.stages: list[Stage] = layout(model)
+        self.stages: list[Stage] = stages
         names = [s.name for s in self.stages]
         if names[0] != "stem" or names[-2:] != ["pool", "head"]:
             raise ValueError(f"a layout must run stem, stages..., pool, head; got {names}")

@@ -166,7 +166,7 @@ class _ScaleGrad(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient by a constant."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+    def forward(ctx, x: Tensor, scale: float | Tensor) -> Tensor:
         ctx.scale = scale
         return x.view_as(x)
 
@@ -301,6 +301,10 @@ class ABLBase(Strategy):
         if missing:
             raise ValueError(f"student parameters outside every ABL block: {missing[:5]}")
         reference = next(self.student_module.parameters())
+        # p, gamma and every weight built from them: float32, or the student's dtype when wider. A float32 p in a
+        # float64 run rounds p1 * alpha (4e-8 relative in the local gradients), so float64 could not be verified;
+        # float16/bfloat16 students keep float32 as before.
+        self.meta_dtype = torch.promote_types(reference.dtype, torch.float32)
         self.heads = nn.ModuleList()
         if self.uses_heads:
             shapes = self._block_shapes()
@@ -310,7 +314,7 @@ class ABLBase(Strategy):
             self.heads.to(reference.device, reference.dtype)
         self.head_params = [list(h.parameters()) for h in self.heads]
         self.distiller_params = [p for p in distiller.trainable_parameters() if p.requires_grad]
-        self.p = self.initial_p().to(reference.device)
+        self.p = self.initial_p().to(reference.device, self.meta_dtype)
         self.val_batches: Iterator | None = None
 
     @staticmethod
@@ -343,7 +347,8 @@ class ABLBase(Strategy):
 
     def p_from_p1(self, p1: list[float] | Tensor) -> Tensor:
         """Stack (p1, 1 - p1) after checking there is one value per non-last block in [0, 1]."""
-        p1 = torch.as_tensor(p1, dtype=torch.float32).flatten()
+        # Python numbers are read in meta_dtype directly (0.3 would otherwise be rounded to float32 first).
+        p1 = torch.as_tensor(p1, dtype=self.meta_dtype).flatten()
         if p1.numel() != self.num_blocks - 1:
             raise ValueError(f"ABL needs {self.num_blocks - 1} student weights (one per non-last block of "
                              f"{type(self.student_module.model).__name__}), got {p1.numel()}")
@@ -385,7 +390,7 @@ class ABLBase(Strategy):
         if tuple(state["p"].shape) != tuple(self.p.shape):
             raise ValueError(f"checkpoint p has shape {tuple(state['p'].shape)}, this student needs "
                              f"{tuple(self.p.shape)}")
-        self.p = state["p"].to(self.p.device)
+        self.p = state["p"].to(self.p.device, self.p.dtype)
 
     @torch.no_grad()
     def evaluate(self, loader) -> dict[str, float]:
@@ -436,7 +441,7 @@ class ABLBase(Strategy):
         return terms
 
     def forward_parts(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
-                      head_scale: list[float] | None = None) -> dict[str, Any]:
+                      head_scale: Tensor | None = None) -> dict[str, Any]:
         """The §3.2 forward: detached-input blocks, teacher, beta * K on spot leaves, heads' local CEs, final CE.
 
         `head_scale` multiplies the local error entering h_l (not the head's own gradient), for the fused step.
@@ -546,7 +551,8 @@ class ABLBase(Strategy):
         scaler = self.precision.scaler
         scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
         # The head learns from its unweighted CE; h_l receives it scaled by p1(l) * alpha (Eq. 8 against Eq. 7).
-        head_scale = (p[:, 0] * alpha).tolist() if self.options.aux_grad == "unweighted" else None
+        # A tensor, not a list of floats: reading p on the host would wait for the device every step.
+        head_scale = (p[:, 0] * alpha).detach() if self.options.aux_grad == "unweighted" else None
         _broadcast_buffers(self.student_module)
         fw = self.forward_parts(images, targets, indices, epoch, head_scale)
         forward = fw["forward"]
@@ -661,7 +667,7 @@ class ABL(ABLBase):
         if opts.p1 is not None:
             return self.p_from_p1(list(opts.p1))
         gamma = torch.tensor(opts.gamma if opts.gamma is not None else read_gamma(opts.gamma_from),
-                             dtype=torch.float32)
+                             dtype=self.meta_dtype)
         if tuple(gamma.shape) != (self.num_blocks - 1, 2):
             raise ValueError(f"gamma must have shape ({self.num_blocks - 1}, 2) for this student "
                              f"({self.num_blocks} blocks), got {tuple(gamma.shape)}")
@@ -686,7 +692,7 @@ class ABLFixed(ABLBase):
     """Fixed ablation (Table 6) = Local of Table 5: p = (0.5, 0.5) in every non-last block (gamma = 0)."""
 
     def initial_p(self) -> Tensor:
-        return torch.full((self.num_blocks - 1, 2), 0.5)
+        return torch.full((self.num_blocks - 1, 2), 0.5, dtype=self.meta_dtype)
 
 
 @register_strategy("abl-no")
@@ -702,6 +708,7 @@ class ABLRandom(ABLBase):
     """Random ablation (Table 6): p1 ~ U(0, 1) per block, drawn once from the run's seed (or every step)."""
 
     def initial_p(self) -> Tensor:
+        # Drawn in float32 whatever the student's dtype: the same p1 (and RNG stream) in every precision.
         return self.p_from_p1(torch.rand(self.num_blocks - 1))
 
     def current_p(self) -> Tensor:
@@ -717,7 +724,7 @@ class ABLGlobal(ABLBase):
     uses_heads = False
 
     def initial_p(self) -> Tensor:
-        return torch.full((self.num_blocks - 1, 2), 0.5)
+        return torch.full((self.num_blocks - 1, 2), 0.5, dtype=self.meta_dtype)
 
     def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
                       step: int = 0) -> dict[str, Tensor]:
@@ -755,7 +762,8 @@ class ABLSearch(ABLBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         opts = self.options
-        self.gamma = torch.zeros(self.num_blocks - 1, 2, device=self.p.device, requires_grad=True)
+        self.gamma = torch.zeros(self.num_blocks - 1, 2, device=self.p.device, dtype=self.meta_dtype,
+                                 requires_grad=True)
         self.meta_optimizer = torch.optim.Adam([self.gamma], lr=opts.meta_lr, betas=tuple(opts.meta_betas),
                                                weight_decay=opts.meta_weight_decay)
         self.meta_done = 0  # gamma updates so far (= validation batches consumed)
@@ -766,7 +774,7 @@ class ABLSearch(ABLBase):
         self.last_diff: Tensor | None = None
 
     def initial_p(self) -> Tensor:
-        return torch.full((self.num_blocks - 1, 2), 0.5)
+        return torch.full((self.num_blocks - 1, 2), 0.5, dtype=self.meta_dtype)
 
     def current_p(self) -> Tensor:
         return self.gamma.detach().softmax(dim=1)
@@ -864,9 +872,10 @@ class ABLSearch(ABLBase):
                 # Undetached: v is the gradient of L_val through the whole network.
                 forward = forward_blocks(self.student_module, self.plan, images, self.student_preact)
                 logits = forward.output.features[-1]
-                loss = alpha * _ce(logits, targets)
+                ce = _ce(logits, targets)
                 if opts.val_objective == "ce":
-                    return loss
+                    return ce  # §6.5: plain CE; alpha * CE would scale the hypergradient by alpha
+                loss = alpha * ce
                 teacher_out = self.teacher(images, preact=self.teacher_preact)
                 kd = self.kd_terms(forward.output, teacher_out, targets, indices, epoch)
                 kd_total = torch.stack(list(kd.values())).sum() if kd else torch.zeros((), device=images.device)
@@ -890,13 +899,24 @@ class ABLSearch(ABLBase):
                     param.copy_(value)
             yield
 
+    def heads_follow_gamma(self) -> bool:
+        """Whether w' of the auxiliary heads depends on gamma and L_val depends on the heads.
+
+        With aux_grad=weighted the head update is p1 * alpha * c_l, and the composite L_val evaluates the heads at
+        w'; then the hypergradient needs v_phi = dL_val/dphi' too (the other objectives never run the heads).
+        """
+        return self.options.aux_grad == "weighted" and self.options.val_objective == "composite"
+
     def validation_gradient(self, params: list[Tensor], nexts: list[Tensor], images: Tensor, targets: Tensor,
                             indices: Tensor, epoch: int) -> dict[int, Tensor | None]:
-        """v = dL_val/dtheta' at w' for the non-last blocks (by parameter id), plus the explicit dL_val/dgamma.
+        """v = dL_val/dw' at w' for every weight whose update depends on gamma (by parameter id), plus the explicit
+        dL_val/dgamma: the non-last blocks, and the heads when `heads_follow_gamma`.
 
         The weights are set to w' in place and restored bit for bit, BatchNorm statistics included (§13 item 8).
         """
         wanted_ids = {id(q) for block in self.block_params[:-1] for q in block}
+        if self.heads_follow_gamma():
+            wanted_ids |= {id(q) for head in self.head_params for q in head}
         wanted = [q for q in params if id(q) in wanted_ids]
         composite = self.options.val_objective == "composite"
         with self.at_weights(params, nexts):
@@ -926,6 +946,7 @@ class ABLSearch(ABLBase):
         last = self.num_blocks - 1
         s1 = torch.zeros(last, dtype=torch.float64, device=p.device)
         s2 = torch.zeros_like(s1)
+        alpha = self.weights.ce
         if self.options.hypergrad == "exact":
             for l in range(last):
                 for q, a, b in zip(self.block_params[l], parts.a[l], parts.b[l]):
@@ -937,6 +958,12 @@ class ABLSearch(ABLBase):
                         s1[l] += jac[id(q)] * (a.double() * g.double()).sum()
                     if b is not None:
                         s2[l] += jac[id(q)] * (b.double() * g.double()).sum()
+                # aux_grad=weighted: g_phi_l = p1 alpha c_l enters w' like p1 a_l, so with v_phi = dL_val/dphi'_l
+                # (non-zero only under the composite objective) dL_val/dgamma1 gains -lr p1 p2 alpha <c_l, v_phi>.
+                for q, c in zip(self.head_params[l] if self.heads_follow_gamma() else [], parts.c[l]):
+                    g = v.get(id(q))
+                    if g is not None and c is not None:
+                        s1[l] += jac[id(q)] * alpha * (c.double() * g.double()).sum()
         else:
             s1, s2 = self.finite_difference(parts, v, jac)
         p64 = p.double()
@@ -962,7 +989,11 @@ class ABLSearch(ABLBase):
         alpha = self.weights.ce
         forward = parts.forward
         for l in range(last):
-            params = [q for q in self.block_params[l] if v.get(id(q)) is not None]
+            # Head l moves with block l when its update is p1 alpha c_l (`heads_follow_gamma`): the local loss is
+            # then differentiated along (v_theta, v_phi) together, which adds alpha <c_l, v_phi> to s1; K and s2
+            # do not depend on the heads.
+            heads = self.head_params[l] if self.heads_follow_gamma() else []
+            params = [q for q in list(self.block_params[l]) + list(heads) if v.get(id(q)) is not None]
             if not params:
                 continue
             # The step direction is dw'/dg * v; jac is per parameter (a scalar for SGD).

@@ -21,6 +21,11 @@ ever act on a BN output the head made itself.
 
 A block output that is already a vector ([B, C], a layout whose non-last block ends in pooling) accepts only aux1,
 which is then a bare Linear(C -> classes); the other kinds are convolutional and raise a ValueError.
+
+A transformer block's output is a token map [B, N, C]; [A] has no head for it, so adakd uses the token analogue
+of each kind: aux1 is LayerNorm -> mean over tokens -> Linear(C -> classes), and aux2-aux4 (convolutional, with no
+token form) become LayerNorm -> per-token Linear(C -> W) + GELU -> mean over tokens -> Linear(W -> classes), the
+smallest head with a hidden layer as Aux3 has.
 """
 from __future__ import annotations
 
@@ -60,13 +65,17 @@ def _check_args(kind: str, in_shape: tuple[int, ...], num_classes: int, width: i
                 final_dim: int | None) -> None:
     if kind not in AUX_KINDS:
         raise ValueError(f"unknown auxiliary head {kind!r}; choose one of {', '.join(AUX_KINDS)}")
-    if len(in_shape) not in (1, 3) or any(int(size) < 1 for size in in_shape):
-        raise ValueError(f"in_shape must be a block output without the batch, (C, H, W) or (C,); got {in_shape}")
+    if len(in_shape) not in (1, 2, 3) or any(int(size) < 1 for size in in_shape):
+        raise ValueError(f"in_shape must be a block output without the batch, (C, H, W), tokens (N, C) or (C,); "
+                         f"got {in_shape}")
     for label, value in (("num_classes", num_classes), ("width", width), ("final_dim", final_dim)):
         if value is not None and int(value) < 1:
             raise ValueError(f"{label} must be a positive integer, got {value}")
     if kind == "aux1" and width is not None:
         raise ValueError("aux1 has no hidden layer, so width does not apply; leave it unset or pick aux2-aux4")
+    if len(in_shape) == 2 and final_dim is not None:
+        raise ValueError(f"final_dim adds a 1x1 conv, but the block output is a token map of shape {in_shape}; "
+                         "leave it unset for this model")
     if len(in_shape) == 1:
         if kind != "aux1":
             raise ValueError(f"{kind} is convolutional but the block output is a vector of shape {in_shape}; "
@@ -88,6 +97,8 @@ def build_aux_head(kind: str, in_shape: tuple[int, ...], num_classes: int, width
         final_dim: channels of an optional 1x1 expansion before the last pooling; default none.
     """
     _check_args(kind, in_shape, num_classes, width, final_dim)
+    if len(in_shape) == 2:
+        return _token_head(kind, in_shape[1], num_classes, width)
     channels = in_shape[0]
     if len(in_shape) == 1:
         layers: list[nn.Module] = [nn.Linear(channels, num_classes)]
@@ -127,6 +138,22 @@ def build_aux_head(kind: str, in_shape: tuple[int, ...], num_classes: int, width
     head = nn.Sequential(*layers)
     kaiming_init(head)
     return head
+
+
+class TokenMean(nn.Module):
+    """Mean over the tokens of a [B, N, C] map (cls token included, as a plain average)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def _token_head(kind: str, channels: int, num_classes: int, width: int | None) -> nn.Module:
+    """The token-map head of `kind` (see the module docstring)."""
+    if kind == "aux1":
+        return nn.Sequential(nn.LayerNorm(channels), TokenMean(), nn.Linear(channels, num_classes))
+    hidden = width or channels
+    return nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, hidden), nn.GELU(), TokenMean(),
+                         nn.Linear(hidden, num_classes))
 
 
 def build_aux_heads(kind: str, block_shapes: Sequence[tuple[int, ...]], num_classes: int, width: int | None = None,

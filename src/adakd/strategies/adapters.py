@@ -37,7 +37,7 @@ class Conv1x1Adapter(nn.Module):
 def build_adapter(family: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> nn.Module:
     """One adapter from a feature shape (without batch) to another.
 
-    Vector spots get a bare `nn.Linear` in every family (§4); maps get `Conv1x1Adapter` (`conv1x1`, preset `sakd`)
+    Vector spots get a bare `nn.Linear` in every family (§4), token maps a per-token `nn.Linear`; maps get `Conv1x1Adapter` (`conv1x1`, preset `sakd`)
     or FitNets' conv-BN-ReLU `ConvReg` with its strided / transposed convs (`convreg`, preset `sakd-faithful`,
     [C] models/util.py).
     """
@@ -46,8 +46,16 @@ def build_adapter(family: str, in_shape: tuple[int, ...], out_shape: tuple[int, 
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     if len(in_shape) == 1 and len(out_shape) == 1:
         return nn.Linear(in_shape[0], out_shape[0])
+    if len(in_shape) == 2 and len(out_shape) == 2:
+        # Token maps [B, N, C] of two transformers: the 1x1 conv's analogue is a per-token Linear (adakd's choice,
+        # the paper routes CNNs only); a different token count has no parameter-free resampling that keeps the cls.
+        if in_shape[0] != out_shape[0]:
+            raise ValueError(f"SAKD routes between token maps of equal length, not {in_shape} -> {out_shape}; give "
+                             "both transformers the same patch grid (img_size / patch_size)")
+        return nn.Linear(in_shape[1], out_shape[1])
     if len(in_shape) != 3 or len(out_shape) != 3:
-        raise ValueError(f"SAKD routes between two maps or two vectors, not {in_shape} -> {out_shape}")
+        raise ValueError(f"SAKD routes between two maps, two token maps or two vectors, not {in_shape} -> "
+                         f"{out_shape}")
     if family == "conv1x1":
         return Conv1x1Adapter(in_shape, out_shape)
     return ConvReg(in_shape, out_shape)

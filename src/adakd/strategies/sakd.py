@@ -38,6 +38,14 @@ CIFAR100_ASYM_GAMMA = {"at": 2.0, "vid": 2.0, "rkd": 2.0}
 BOTH_SCRIPT_LOW_EPOCHS = 30
 
 
+def at_least_float32(t: Tensor) -> Tensor:
+    """`t` in float32 when narrower (autocast's float16/bfloat16, where CE and softmax could overflow), else as it is.
+
+    A plain `.float()` would round a float64 run's losses to float32, so that it could not match a float64 reference.
+    """
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def sample_uniform(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
     """U(0, 1) for this rank's samples, drawn as one process would draw them for the global batch.
 
@@ -233,7 +241,7 @@ class SpotMasked(Strategy):
                       indices: Tensor, epoch: int, masks: Tensor) -> dict[str, Tensor]:
         """Weighted CE, masked KL (last decision) and masked distiller terms; `masks` is float 0/1 [B, K]."""
         logits = student_out.features[-1]
-        terms = {"ce": self.ce_weight * F.cross_entropy(logits.float(), targets)}
+        terms = {"ce": self.ce_weight * F.cross_entropy(at_least_float32(logits), targets)}
         named = self.distiller_forward(
             self.select(student_out, self.student_spots, self.student_preact),
             self.select(teacher_out, self.teacher_spots, self.teacher_preact),
@@ -527,7 +535,7 @@ class SAKD(SpotMasked):
         """SpotMasked's terms, plus the trained teacher's own CE ("teacher_ce", weighted like the student's)."""
         terms = super().student_terms(student_out, teacher_out, targets, indices, epoch, masks)
         if self.teacher_learns:
-            terms["teacher_ce"] = self.ce_weight * F.cross_entropy(teacher_out.features[-1].float(), targets)
+            terms["teacher_ce"] = self.ce_weight * F.cross_entropy(at_least_float32(teacher_out.features[-1]), targets)
         return terms
 
     def masks_from(self, decisions: Tensor) -> Tensor:
@@ -535,7 +543,8 @@ class SAKD(SpotMasked):
         selected = decisions.detach() > 0.5
         if self.options.invert_masks:
             selected = ~selected
-        return selected.to(torch.float32)
+        # The decisions' dtype (float32 under autocast, float64 in a float64 run): exact 0/1 either way.
+        return selected.to(torch.promote_types(decisions.dtype, torch.float32))
 
     def agent_update(self, loss: Tensor) -> None:
         """zero_grad, backward of L_route into the agent parameters only, step (§7 step 9's cheaper equivalent)."""
@@ -556,13 +565,13 @@ class SAKD(SpotMasked):
         with self.precision.autocast():
             teacher_out = self.teacher(images, preact=self.teacher_preact)
             student_out = self.student(images, preact=self.student_preact)
-            policy_logits = self.policy_logits(teacher_out, student_out).float()
+            policy_logits = at_least_float32(self.policy_logits(teacher_out, student_out))
             decisions = gumbel_softmax_st(policy_logits, tau)[..., 0]
             masks = self.masks_from(decisions)
             terms = self.student_terms(student_out, teacher_out, targets, indices, epoch, masks)
             routed = self.route(images, decisions, teacher_out)
-            route_ce = F.cross_entropy(routed.float(), targets)
-            student_ce = F.cross_entropy(student_out.features[-1].detach().float(), targets)
+            route_ce = F.cross_entropy(at_least_float32(routed), targets)
+            student_ce = F.cross_entropy(at_least_float32(student_out.features[-1].detach()), targets)
             route_total, hinge = self.route_loss(route_ce, student_ce, decisions[:, -1])
         self.agent_update(route_total)
         loss = self.student_update(terms)
@@ -594,7 +603,7 @@ class SAKD(SpotMasked):
         self.policy.eval()
         teacher.eval()
         try:
-            logits = self.policy_logits(teacher(images), student(images)).float()
+            logits = at_least_float32(self.policy_logits(teacher(images), student(images)))
             decisions = gumbel_softmax_st(logits, DECISION_TAU)[..., 0] > 0.5
             return decisions.to(logits.dtype), logits.softmax(dim=-1)[..., 0]
         finally:

@@ -1,0 +1,130 @@
+"""timm and torchvision models through the whole engine: every family x {kd, at, crd} x {standard, sakd, abl}.
+
+Random weights and tiny sizes (nothing downloads): each run trains a few epochs on the synthetic set and its
+student's training cross-entropy must fall. The teacher of each family is trained first and loaded strictly
+from its run's last.pth.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("timm")
+
+import torch  # noqa: E402
+
+from adakd import distillers  # noqa: E402
+from adakd.cli import main  # noqa: E402
+from adakd.engine.config import resolve  # noqa: E402
+from adakd.engine.trainer import Trainer  # noqa: E402
+
+FAMILIES = {
+    "resnet": "timm:resnet10t",
+    "convnext": "timm:convnext_atto",
+    "mobilenetv3": "timm:mobilenetv3_small_050",
+    "regnet": "timm:regnetx_002",
+    "vit": "timm:vit_tiny_patch16_224",
+}
+# Mixed pairs: (teacher, student).
+MIXED = {"torchvision-to-timm": ("torchvision:resnet18", "timm:resnet10t"),
+         "timm-to-adakd": ("timm:resnet10t", "resnet8")}
+# mobilenetv3_small_050 at 32 px ends on 1 x 1 maps and does not learn the randomly cropped and flipped synthetic set
+# within these 12 steps (plain CE included); its runs must finish with finite losses, and a separate test shows its
+# step learning on fixed batches.
+AUGMENTATION_BOUND = {"timm:mobilenetv3_small_050"}
+STRATEGIES = {"standard": [], "sakd": ["distill.kl_weight=1"], "abl": ["strategy=abl-fixed"]}
+
+
+def model_args(name: str, key: str) -> list[str]:
+    return [f"{key}.args={{img_size: 32, patch_size: 8, depth: 4}}"] if "vit" in name else []
+
+
+COMMON = ["dataset=synthetic", "data.train_size=64", "data.batch_size=16", "data.num_workers=0", "optim.milestones=[]",
+          "lr=0.01", "log.progress=false", "log.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Teachers of every family, each trained 4 epochs on the synthetic set: a random teacher's features pull a
+    student anywhere (AT and CRD on them made some students' CE rise), which would test nothing."""
+    root = tmp_path_factory.mktemp("teachers")
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            label = name.replace(":", "_")
+            assert main(["train", *COMMON, "epochs=4", f"model.name={name}", f"out_dir={root}", f"name={label}",
+                         *model_args(name, "model")]) == 0
+            made[name] = root / label / "last.pth"
+        return made[name]
+
+    return get
+
+
+def cases() -> list:
+    pairs = {family: (name, name) for family, name in FAMILIES.items()} | MIXED
+    found = []
+    for (label, (teacher, student)), method, strategy in itertools.product(pairs.items(), ["kd", "at", "crd"],
+                                                                             STRATEGIES):
+        if label in MIXED and strategy != "standard":
+            continue  # the mixed pairs check building and loading across libraries; one strategy is enough
+        found.append(pytest.param(teacher, student, method, strategy, id=f"{label}-{method}-{strategy}"))
+    return found
+
+
+@pytest.mark.parametrize("teacher, student, method, strategy", cases())
+def test_family_learns_under_every_distiller_and_strategy(tmp_path, teachers, teacher, student, method, strategy):
+    argv = ["distill", *COMMON, "epochs=3", f"model.name={student}", f"teacher.name={teacher}",
+            f"teacher.weights={teachers(teacher)}", f"method={method}",
+            f"out_dir={tmp_path}", "name=run", "distill.args.num_negatives=64" if method == "crd" else "seed=0",
+            *model_args(student, "model"), *model_args(teacher, "teacher"), *STRATEGIES[strategy]]
+    if strategy == "sakd":
+        argv.append("strategy=sakd")
+    if method == "at" and student == "resnet8":
+        argv.append("distill.spots=[1,2,3]")  # resnet10t has 4 body stages, the CIFAR resnet8 3
+    assert main(argv) == 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    # The objective the step descends must fall, except where it cannot show learning in 12 steps: under SAKD it
+    # holds the terms the policy switches on as it learns, and CRD's NCE term rises while its memory banks fill
+    # (measured: 9.2 -> 10.5 -> 9.4 while CE fell 2.32 -> 2.27 -> 2.22); there the student's CE is the measure.
+    column = "train/ce" if strategy == "sakd" or method == "crd" else "train/loss"
+    losses = [float(r[column]) for r in rows]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    if student in AUGMENTATION_BOUND:
+        return
+    assert losses[-1] < losses[0], losses
+
+
+def test_mobilenetv3_learns_on_fixed_batches(tmp_path):
+    """The step through the automatic view learns (12 passes over 64 un-augmented samples)."""
+    config = resolve(["cifar100"], None, [*COMMON, f"out_dir={tmp_path}", "model.name=timm:mobilenetv3_small_050"])
+    trainer = Trainer(config)
+    images, targets = (torch.stack([trainer.train_set[i][k] for i in range(64)]) if k == 0 else
+                       torch.tensor([trainer.train_set[i][k] for i in range(64)]) for k in (0, 1))
+    losses = []
+    for epoch in range(6):
+        steps = [trainer.strategy.training_step(images[i:i + 16], targets[i:i + 16], torch.arange(i, i + 16), 1, 0)
+                 for i in range(0, 64, 16)]
+        losses.append(float(torch.stack([s["loss"] for s in steps]).mean()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+TOKEN_MAPS_REFUSED = {"fitnets", "ft", "nst", "vid", "reviewkd"}
+
+
+@pytest.mark.parametrize("method", distillers.available())
+def test_every_distiller_runs_on_a_vit_or_refuses_token_maps_in_one_line(tmp_path, teachers, capsys, method):
+    vit = FAMILIES["vit"]
+    argv = ["distill", *COMMON, "data.train_size=32", "epochs=1", f"model.name={vit}", f"teacher.name={vit}",
+            f"teacher.weights={teachers(vit)}", f"method={method}", f"out_dir={tmp_path}", "name=run",
+            *model_args(vit, "model"), *model_args(vit, "teacher")]
+    code = main(argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("adakd: error:")]
+    if method in TOKEN_MAPS_REFUSED:
+        assert code == 2 and len(errors) == 1 and "(17, 192)" in errors[0], errors
+    else:
+        assert code == 0 and not errors

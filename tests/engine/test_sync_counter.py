@@ -1,0 +1,44 @@
+"""The host-sync counter of tests/sync_counter.py (issue 13) counts what stalls a GPU and nothing else."""
+from __future__ import annotations
+
+import torch
+
+from sync_counter import SyncCounter
+
+
+def test_counts_scalar_reads_and_data_dependent_shapes():
+    x = torch.randn(5, 3)
+    mask = x[:, 0] > 0
+    with SyncCounter() as syncs:
+        x.sum().item()
+        x[mask]
+    assert [op for op, _ in syncs.hits] == ["_local_scalar_dense", "index"]
+    with SyncCounter() as syncs:
+        int(mask.sum()), float(x.max()), bool(mask.any())
+        x.tolist()
+        mask.nonzero()
+        torch.masked_select(x, mask[:, None])
+        torch.unique(mask)
+        torch.equal(x, x)
+        x[mask] = 0.0
+    assert syncs.count == 9, syncs.report()
+    assert all(where.startswith("test_sync_counter.py:") for _, where in syncs.hits), syncs.report()
+
+
+def test_does_not_count_static_shape_work():
+    x = torch.randn(5, 3, requires_grad=True)
+    mask = x[:, 0] > 0
+    with SyncCounter() as syncs:
+        y = x @ x.t()
+        z = torch.where(mask[:, None], y, 0.0).sum() / mask.sum().clamp(min=1)
+        x[torch.tensor([0, 2])].sum()  # integer indexing needs no count
+        z.backward()
+    assert syncs.count == 0, syncs.report()
+
+
+def test_host_resident_tensors_are_not_counted():
+    step = torch.tensor(3.0)
+    with SyncCounter(host_resident=lambda t: t is step) as syncs:
+        step.item()
+        torch.tensor(1.0).item()
+    assert syncs.count == 1
