@@ -25,6 +25,7 @@ from adakd.engine.pretrain import freeze_pretrain_parts, pretrain
 from adakd.engine.optim import MultiStepSchedule, base_lr, build_optimizers, lr_at
 from adakd.engine.runs import RunDir
 from adakd.data.split import endless, stratified_split, subset
+from adakd.models.external import split_source
 from adakd.models.layers import with_input_channels
 from adakd.strategies.base import LossWeights, Precision
 
@@ -83,7 +84,7 @@ def build_model(spec, num_classes: int, role: str, needs_weights: bool = True, i
     kwargs.update(spec.args)
     key = "teacher" if role == "teacher" else "model"
     channels = spec.in_chans or in_chans
-    external = ":" in spec.name  # timm / torchvision build for any channel count themselves
+    external = split_source(spec.name)[0] is not None  # timm / torchvision build for any channel count themselves
     if external:
         kwargs["in_chans"] = channels
     try:

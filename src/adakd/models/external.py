@@ -44,7 +44,8 @@ def _timm() -> Any:
     return timm
 
 
-def _names(source: str) -> list[str]:
+def names(source: str) -> list[str]:
+    """Every model name timm or torchvision offers (torchvision: classifiers only)."""
     if source == "timm":
         return list(_timm().list_models())
     import torchvision
@@ -56,7 +57,7 @@ def available_external(source: str, pattern: str = "*") -> list[str]:
     """'source:name' for every model of timm or torchvision matching a shell wildcard."""
     if source not in SOURCES:
         raise UnknownNameError(f"unknown model source {source!r}; use one of {', '.join(SOURCES)}")
-    return [f"{source}:{name}" for name in _names(source) if fnmatch.fnmatchcase(name, pattern)]
+    return [f"{source}:{name}" for name in names(source) if fnmatch.fnmatchcase(name, pattern)]
 
 
 def _refuse_pretrained(source: str, arch: str, kwargs: dict[str, Any]) -> None:
@@ -71,9 +72,9 @@ def _refuse_pretrained(source: str, arch: str, kwargs: dict[str, Any]) -> None:
 def create_external(source: str, arch: str, num_classes: int = 1000, in_chans: int = 3, **kwargs: Any) -> nn.Module:
     """A randomly initialised timm or torchvision classifier with `num_classes` outputs and `in_chans` inputs."""
     _refuse_pretrained(source, arch, kwargs)
-    names = _names(source)
-    if arch not in names:
-        close = suggestions(arch, names, cutoff=0.5)
+    known = names(source)
+    if arch not in known:
+        close = suggestions(arch, known, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(f'{source}:{c}') for c in close)}?" if close else ""
         raise UnknownNameError(f"unknown {source} model {arch!r}.{hint} List them with "
                                f"adakd.models.available('*', source={source!r})")

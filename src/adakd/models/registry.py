@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from adakd.models.external import _names, available_external, create_external, split_source
+from adakd.models.external import available_external, create_external, names, split_source
 from adakd.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model")
@@ -48,5 +48,5 @@ def check_name(name: str) -> None:
     source, arch = split_source(name)
     if source is None:
         MODELS.get(name)
-    elif arch not in _names(source):
+    elif arch not in names(source):
         create_external(source, arch)  # raises the unknown-name error with its suggestions
