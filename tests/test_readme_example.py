@@ -25,7 +25,7 @@ def test_readme_example_distils_a_users_model_on_a_users_dataset(tmp_path, monke
     monkeypatch.setattr(models.registry.MODELS, "_builders", dict(models.registry.MODELS._builders))
     exec(compile(readme_example(), str(README), "exec"), {"__name__": "readme_example"})
     student, teacher = map(float, capsys.readouterr().out.strip().splitlines()[-1].split())
-    assert student > 20.0 and teacher > 20.0  # 10 classes: chance is 10 %
+    assert student > 15.0 and teacher > 15.0  # 10 classes: chance is 10 %; measured 37.5 % and 29.7 %
     assert (tmp_path / "runs" / "s" / "summary.json").is_file()
     assert pytest.approx(student) == __import__("json").loads((tmp_path / "runs" / "s" / "summary.json").read_text())[
         "last_acc1"]

@@ -39,7 +39,7 @@ def test_fashion_mnist_idx_files_train_a_one_channel_model(tmp_path):
     run = tmp_path / "runs" / "fm"
     state = torch.load(run / "last.pth", weights_only=True)["model"]
     assert state["conv1.weight"].shape[1] == 1  # grayscale data, 1-channel stem
-    assert json.loads((run / "summary.json").read_text())["last_acc1"] > 30.0  # chance: 10 %
+    assert json.loads((run / "summary.json").read_text())["last_acc1"] > 20.0  # chance: 10 %; measured 40 %
 
 
 def write_folder(root: Path, per_class: dict[str, int], seed: int) -> None:

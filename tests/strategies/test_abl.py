@@ -426,10 +426,12 @@ def test_exact_hypergradient_matches_central_differences(objective, aux_grad, ra
     numeric, truncation = converged_hypergradient(st, parts, val, loss_at=spec_validation_loss(st))
     assert numeric.abs().max() > 0
     # The reference must be converged well below the tolerance, or the comparison would test the reference.
-    # Measured here, relative to |numeric|: the error estimate 2e-8..1.5e-7 and exact - numeric 6e-12..1.7e-7 (the
-    # float64 rounding floor of L_val at h = 5e-4 for the kd objectives, whose hypergradient is 2e-5 of L_val).
-    assert truncation / numeric.norm() < 1e-6
-    assert (exact - numeric).norm() / numeric.norm() < 1e-6
+    # Measured here over all ten cases, relative to |numeric|: the error estimate 2e-8..1.5e-7 and exact - numeric
+    # 6e-12..1.7e-7 (the float64 rounding floor of L_val at h = 5e-4 for the kd objectives, whose hypergradient is
+    # 2e-5 of L_val). 2e-6 keeps a 10x margin for another CPU's rounding and still fails the bugs this guards
+    # (the alpha-scaled ce objective: 0.3; the missing head term: 2.4e-3..5.7e-3).
+    assert truncation / numeric.norm() < 2e-6
+    assert (exact - numeric).norm() / numeric.norm() < 2e-6
 
 
 @pytest.mark.parametrize("objective, aux_grad", [("kd_total", "unweighted"), ("composite", "weighted")])
