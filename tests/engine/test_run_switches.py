@@ -58,8 +58,8 @@ def test_a_grayscale_dataset_trains_one_channel_models(tmp_path, monkeypatch):
                                  mean=colour.mean[:1], std=colour.std[:1], augment=colour.augment,
                                  crop_padding=colour.crop_padding)
 
-    monkeypatch.setitem(data._MODULES, "gray", type("Gray", (), {"load": staticmethod(gray_digits),
-                                                                  "INFO": data.dataset_info("digits")}))
+    monkeypatch.setattr(data, "_MODULES", dict(data._MODULES))  # the registration ends with the test
+    data.register_dataset("gray", gray_digits, info={**data.dataset_info("digits"), "channels": 1})
     trainer = Trainer(resolve(["cifar100", "demo"], None, [f"out_dir={tmp_path}", "name=g", "epochs=1",
                                                            "data.name=gray", *QUICK]))
     assert trainer.student.model.conv1.weight.shape[1] == 1
