@@ -1,6 +1,7 @@
 """ABL's cost against the standard KD step, resnet56 -> resnet20, batch 64, 32x32, measured side by side.
 
     python benchmarks/abl.py [--methods kd,at,fitnets] [--steps 5] [--rounds 3] [--pipeline]
+    python benchmarks/abl.py --smoke    # seconds: that it runs (the tests run it)
 
 Per method: the standard step, the ABL step (stage 2 and warm start: §3 routing at fixed p) and the bilevel step
 (stage 1: the ABL step plus virtual step, validation forward/backward and the gamma update), timed round-robin,
@@ -94,7 +95,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pipeline", action="store_true", help="also time `adakd abl` end to end on the digits")
+    parser.add_argument("--smoke", action="store_true", help="KD only, batch 4, 2 steps on CPU: checks it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rounds, args.warmup, args.batch, args.methods, args.device = 1, 1, 1, 4, "kd", "cpu"
     device = torch.device(args.device)
     torch.set_flush_denormal(True)
     print(f"resnet56 -> resnet20, batch {args.batch}, {device}, {torch.get_num_threads()} threads; best of "

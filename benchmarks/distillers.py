@@ -2,6 +2,7 @@
 
     python benchmarks/distillers.py [--steps 10] [--batch 64] [--methods kd,at,...] [--device cpu]
     python benchmarks/distillers.py --strategies standard,sakd,sakd-faithful --methods at,crd
+    python benchmarks/distillers.py --smoke    # seconds: that it runs (the tests run it)
 
 Without --strategies every method runs under the standard strategy and is reported as a ratio to plain KD; with
 --strategies each method runs under each strategy and is reported as a ratio to the standard step of the same
@@ -123,7 +124,10 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(D.available()))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--strategies", default=None, help="compare strategies, e.g. standard,sakd,sakd-faithful")
+    parser.add_argument("--smoke", action="store_true", help="KD only, batch 4, 2 steps on CPU: checks it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rounds, args.warmup, args.batch, args.methods, args.device = 1, 1, 1, 4, "kd", "cpu"
     device = torch.device(args.device)
     torch.set_flush_denormal(True)  # as the engine does
     print(f"resnet56 -> resnet20, batch {args.batch}, {device}, {torch.get_num_threads()} threads; best of "

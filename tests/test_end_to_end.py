@@ -11,18 +11,23 @@ from adakd.demo import run_demo
 
 
 @pytest.mark.slow
-def test_demo_prints_the_three_row_table(tmp_path):
-    table = run_demo(tmp_path, ["optim.epochs=2", "data.image_size=8", "log.tensorboard=false"], quiet=True, seeds=2)
-    rows = [line for line in table.splitlines() if line.startswith(("teacher", "student"))]
-    assert len(rows) == 3
-    assert rows[0].startswith("teacher resnet20") and "+ KD" in rows[2]
-    accuracies = [float(a) for a in re.findall(r"([\d.]+)%", "\n".join(rows))]
-    assert len(accuracies) == 6 and all(0 <= a <= 100 for a in accuracies)
+def test_demo_prints_the_five_row_table(tmp_path):
+    table, failed = run_demo(tmp_path, ["optim.epochs=2", "data.image_size=8", "log.tensorboard=false"], quiet=True,
+                             seeds=2)
+    assert failed == 0
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0].strip("| ") for row in rows] == ["teacher", "student", "KD", "KD + SAKD", "KD + ABL"]
+    accuracies = [float(re.search(r"\| (\d+\.\d+) ±", row).group(1)) for row in rows]
+    assert len(accuracies) == 5 and all(0 <= a <= 100 for a in accuracies)
+    assert all("(Δ " in row for row in rows[3:])  # the adaptive rows show their paired difference to KD
     (demo_dir,) = tmp_path.iterdir()
-    expected = {f"{run}_seed{seed}" for run in ("teacher", "student", "student_kd") for seed in (0, 1)}
-    assert {p.name for p in demo_dir.iterdir()} == expected
-    assert (demo_dir / "student_kd_seed1" / "last.pth").is_file()
-    assert "±" in table
+    cells = {p.name for p in (demo_dir / "cells").iterdir()}
+    assert cells == {f"{run}_seed{seed}" for seed in (0, 1) for run in (
+        "teacher-resnet20", "student-resnet8", "method-kd_strategy-standard", "method-kd_strategy-sakd",
+        "method-kd_strategy-abl")}
+    # ABL cells ran both stages, the search scaled down by search_scale.
+    assert (demo_dir / "cells" / "method-kd_strategy-abl_seed1" / "search" / "gamma.json").is_file()
+    assert (demo_dir / "cells" / "method-kd_strategy-abl_seed1" / "final_seed1" / "last.pth").is_file()
 
 
 def test_module_entry_point_runs():

@@ -1,4 +1,5 @@
-"""The `adakd` command: train, distill, abl, eval, models, demo, presets, plot, decisions."""
+"""The `adakd` command: train, distill, abl, eval, sweep, sweeps, table, compare, models, demo, presets, plot,
+decisions."""
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,37 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--num-classes", type=int, default=None)
     ms.add_argument("--source", choices=("zoo", "timm", "torchvision"), default="zoo",
                     help="adakd's zoo (with sizes and shapes) or the names timm / torchvision offer (names only)")
-    demo = sub.add_parser("demo", help="teacher, student alone and student with KD on the embedded digits")
-    demo.add_argument("--out", default="runs", help="parent folder of the demo's run directory")
+    demo = sub.add_parser("demo", help="teacher, student alone, KD, KD+SAKD and KD+ABL on the embedded digits (the "
+                                       "shipped grid `demo`)")
+    demo.add_argument("--out", default="runs", help="parent folder of the demo's sweep folder")
     demo.add_argument("--seeds", type=int, default=3, help="seeds per run (the table shows mean ± std)")
+    demo.add_argument("--jobs", type=int, default=None, help="runs at once (default: one per CPU core, at most 6)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
+    sw = sub.add_parser("sweep", help="run a grid of runs (a shipped grid, a YAML file, or a sweep folder to "
+                                      "continue); finished cells are skipped, interrupted ones resumed")
+    sw.add_argument("grid", metavar="GRID", help="a shipped grid (see `adakd sweeps`), a grid YAML file, or the "
+                                                 "folder of a sweep to continue")
+    sw.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every cell, e.g. data.root=PATH")
+    sw.add_argument("--out", default=None, help="the sweep folder (default runs/sweep-<grid>)")
+    sw.add_argument("--jobs", type=int, default=1, help="cells at once (local: GPUs or CPU cores are shared out; "
+                                                        "slurm: the job array's parallelism)")
+    sw.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    sw.add_argument("--dry-run", action="store_true", help="validate and list every cell; run nothing")
+    sw.add_argument("--retry-failed", action="store_true", help="run failed cells again (else they are listed)")
+    sw.add_argument("--teacher", action="append", default=[], metavar="NAME=PATH",
+                    help="a teacher's checkpoint (repeatable); teachers not given are trained by the sweep first")
+    sw.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                    help="submitit settings, e.g. slurm_partition=gpu timeout_min=600 gpus_per_node=1 "
+                         "(cluster=local runs the jobs on this machine)")
+    sub.add_parser("sweeps", help="list the shipped grids with their cell counts")
+    tb = sub.add_parser("table", help="a sweep's results as the paper lays them out, beside the published numbers")
+    tb.add_argument("sweep_dir")
+    tb.add_argument("--metric", choices=("last", "best"), default="last")
+    tb.add_argument("--format", choices=("md", "csv", "latex"), default="md")
+    tb.add_argument("--topk", type=int, choices=(1, 5), default=1)
+    cp = sub.add_parser("compare", help="runs side by side (last, best) and their test accuracy in one PNG")
+    cp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    cp.add_argument("--out", default=None, help="the PNG file (default compare.png)")
     pr = sub.add_parser("presets", help="list the shipped presets, or show one")
     pr.add_argument("name", nargs="?", help="a preset to show as YAML (its base presets merged in)")
     de = sub.add_parser("decisions", help="training samples a trained SAKD policy does not distill at a spot")
@@ -52,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--spot", default="0", help="decision index (0 = first spot) or spot name (e.g. stage2, logits)")
     pl = sub.add_parser("plot", help="draw a run's curves (losses, accuracy, SAKD spot shares, ABL weights and "
                                      "per-block accuracy) as PNG files")
-    pl.add_argument("run_dir", help="a run folder, or an `adakd abl` folder (each stage is plotted)")
+    pl.add_argument("run_dir", help="a run folder, an `adakd abl` folder (each stage is plotted) or a sweep folder "
+                                    "(Δ per cell with error bars)")
     pl.add_argument("--compare", nargs="+", action="extend", default=[], metavar="OTHER_RUN_DIR",
                     help="ABL runs whose per-block accuracy is drawn beside RUN_DIR's in block_accuracy.png")
     pl.add_argument("--out", default=None, help="folder for the PNG files (default RUN_DIR/plots; for an "
@@ -178,6 +207,34 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_values(items: list[str], option: str) -> dict[str, object]:
+    """`--teacher resnet56=PATH` / `--slurm timeout_min=60` as a mapping (values read as YAML)."""
+    import yaml
+
+    from adakd.engine.config import ConfigError
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{option} {item!r} must look like NAME=VALUE")
+        out[key] = value if option == "--teacher" else yaml.safe_load(value)
+    return out
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from adakd.engine.config import ConfigError
+    from adakd.engine.launch import run_sweep
+
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be >= 1")
+    failed, root = run_sweep(args.grid, list(args.overrides), out=args.out, jobs=args.jobs, launcher=args.launcher,
+                             dry_run=args.dry_run, retry_failed=args.retry_failed,
+                             teachers=_key_values(args.teacher, "--teacher"),
+                             slurm=_key_values(args.slurm, "--slurm"), watch=_watch_sweep)
+    return 1 if failed else 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     import yaml
 
@@ -216,13 +273,10 @@ def _watch_run(command: str, run_dir: Path) -> None:
                             "started again)")
 
 
-def _one_line(err: BaseException) -> str:
-    """The message itself: a DataLoader worker re-raises with its traceback inside, ending in 'Type: message'."""
-    text = str(err)
-    if "Original Traceback" in text:
-        last = text.strip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text
+def _watch_sweep(_command: str, root: Path) -> None:
+    """Remember how to continue a sweep if the user interrupts it."""
+    _RESUME_HINT["text"] = (f"Continue with `adakd sweep {root}`: finished cells are kept, interrupted ones resume "
+                            "from their last epoch")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -230,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from adakd.data import DatasetError
     from adakd.engine.config import ConfigError
     from adakd.engine.loop import NonFiniteLossError
-    from adakd.engine.runs import RunDirError
+    from adakd.engine.runs import RunDirError, one_line
     from adakd.models.auto_staged import AutoLayoutError
     from adakd.models.checkpoint import CheckpointError
     from adakd.models.external import ModelSourceError
@@ -264,11 +318,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{len(skipped)} training samples are not distilled at {spot}; every decision is in {path}")
             print(" ".join(map(str, skipped)))
             return 0
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "sweeps":
+            from adakd.engine.launch import describe_grids
+
+            print(describe_grids())
+            return 0
+        if args.command == "table":
+            from adakd.engine.sweep_report import format_table
+
+            print(format_table(args.sweep_dir, args.metric, args.format, args.topk))
+            return 0
+        if args.command == "compare":
+            from adakd.engine.sweep_report import compare_runs
+
+            print(compare_runs(args.runs, args.out)[0])
+            return 0
         if args.command == "plot":
             from adakd.engine.plots import PlottingUnavailable, plot_run
+            from adakd.engine.sweep_report import plot_sweep
 
             try:
-                paths = plot_run(args.run_dir, args.out, compare=args.compare)
+                if (Path(args.run_dir) / "sweep.yaml").is_file():
+                    paths = plot_sweep(args.run_dir, args.out)
+                else:
+                    paths = plot_run(args.run_dir, args.out, compare=args.compare)
             # A run without epochs, a --compare run that is not ABL, or no matplotlib.
             except (ValueError, PlottingUnavailable) as err:
                 print(f"adakd: error: {err}", file=sys.stderr)
@@ -281,11 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.seeds < 1:
                 raise ConfigError("--seeds must be >= 1")
-            print(run_demo(args.out, list(args.overrides), seeds=args.seeds))
-            return 0
+            text, failed = run_demo(args.out, list(args.overrides), seeds=args.seeds, jobs=args.jobs)
+            print(text)
+            return 1 if failed else 0
     except (ConfigError, DatasetError, CheckpointError, RunDirError, UnknownNameError, FileNotFoundError,
             ModelSourceError, AutoLayoutError) as err:
-        print(f"adakd: error: {_one_line(err)}", file=sys.stderr)
+        print(f"adakd: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"adakd: interrupted. {_RESUME_HINT.get('text', 'Nothing was started.')}", file=sys.stderr)

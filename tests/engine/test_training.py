@@ -5,6 +5,7 @@ import csv
 import json
 
 import pytest
+import yaml
 import torch
 
 from adakd import models
@@ -77,6 +78,10 @@ def test_resume_equals_uninterrupted(tmp_path, task, method):
     rows = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert rows[1]["lr"] == str(0.05 * 0.1)  # the schedule continued: epoch 2 exceeds milestone 1
+    # The run folder's config says what the run now is; the first one is kept beside it.
+    assert yaml.safe_load((tmp_path / "split" / "config.yaml").read_text())["optim"]["epochs"] == 2
+    assert yaml.safe_load((tmp_path / "split" / "config.before-resume.yaml").read_text())["optim"]["epochs"] == 1
+    assert "config.yaml rewritten" in (tmp_path / "split" / "log.txt").read_text()
 
 
 def test_teacher_is_frozen_and_stays_in_eval(tmp_path):

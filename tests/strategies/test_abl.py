@@ -610,3 +610,18 @@ def test_fused_step_gradients_equal_the_separate_parts(method, aux_grad):
         else:
             torch.testing.assert_close(zeros_if_none(g, q), w, atol=1e-11, rtol=1e-9)
     assert terms.keys() == parts.terms.keys()
+
+
+def test_search_scale_shortens_the_search_and_keeps_how_far_gamma_can_move():
+    import dataclasses
+
+    from adakd.strategies.abl import ABLOptions, steps_budget
+
+    paper, scaled = ABLOptions(), ABLOptions(search_scale=0.01)
+    assert (scaled.warm_steps, scaled.meta_steps, scaled.early_stop_window) == (400, 100, 20)
+    assert scaled.meta_lr * scaled.meta_steps == pytest.approx(paper.meta_lr * paper.meta_steps)
+    assert steps_budget(scaled) == 500
+    assert dataclasses.replace(scaled) == scaled  # applied once: a copy is not scaled again
+    assert ABLOptions(search_scale=1e-9).meta_steps == 1  # never below one step
+    with pytest.raises(ValueError, match="search_scale must be > 0"):
+        ABLOptions(search_scale=0)

@@ -408,6 +408,12 @@ def test_none_has_only_ce():
     out = strategy.training_step(*batch(), epoch=1)
     assert set(out) == {"ce", "loss", "correct"}
     assert {id(p) for p in strategy.param_groups()["main"]} == {id(p) for p in strategy.student.parameters()}
+    # A float64 run's CE stays float64 (not rounded through float32): equal to a float64 reference.
+    strategy = build("none", dtype=torch.float64)
+    images, targets, indices = batch(dtype=torch.float64)
+    reference = torch.nn.functional.cross_entropy(strategy.student(images).features[-1], targets)
+    ce = strategy.training_step(images, targets, indices, epoch=1)["ce"]
+    assert ce.dtype == torch.float64 and abs(ce.item() - reference.item()) <= 1e-12
 
 
 def test_random_rate_and_independence():

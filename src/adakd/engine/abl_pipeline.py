@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from adakd.engine.config import ConfigError, RunConfig, from_dict, merge, to_dict
+from adakd.engine.resumable import fit_or_resume
 from adakd.engine.runs import RunDirError, write_text_atomic
 
 def stage_configs(config: RunConfig, root: Path, seeds: list[int]) -> list[tuple[str, dict[str, Any]]]:
@@ -48,9 +49,11 @@ def pipeline_root(config: RunConfig) -> Path:
 
 
 def run_pipeline(config: RunConfig | None, seeds: int = 1, root: str | Path | None = None,
-                 resume: bool = False) -> dict[str, Any]:
-    """Run (or continue) stage 1 then stage 2 for `seeds` seeds; return every run's summary."""
-    from adakd.engine.trainer import Trainer
+                 resume: bool = False, runtime: list[str] | None = None) -> dict[str, Any]:
+    """Run (or continue) stage 1 then stage 2 for `seeds` seeds; return every run's summary.
+
+    `runtime` overrides (threads, device, log.progress) apply to every stage and are not saved in pipeline.yaml.
+    """
 
     if root is None:
         if config is None:
@@ -71,40 +74,18 @@ def run_pipeline(config: RunConfig | None, seeds: int = 1, root: str | Path | No
             raise ConfigError("--seeds must be >= 1")
     seed_list = [config.seed + k for k in range(seeds)]
     stages = stage_configs(config, root, seed_list)
-    summaries: dict[str, Any] = {}
-    for folder, values in stages:
-        run_dir = root / folder
-        summary_file = run_dir / "summary.json"
-        if summary_file.is_file():  # finished before a crash or an earlier call
-            summaries[folder] = json.loads(summary_file.read_text())
-            continue
-        if (run_dir / "last.pth").is_file():
-            trainer = Trainer.resume(run_dir)
-        else:
-            if run_dir.exists():  # created, but killed before its first checkpoint: nothing to keep
-                _clear_unfinished(run_dir)
-            trainer = Trainer(from_dict(values))
+
+    def write_plan() -> None:
+        # Written once the first stage has accepted the config and found its data: bad input leaves no folder.
         if not plan.is_file():
-            # Written once the first stage has accepted the config and found its data: bad input leaves no folder.
             write_text_atomic(plan, yaml.safe_dump({"seeds": seeds, "config": to_dict(config)}, sort_keys=False))
-        summaries[folder] = trainer.fit()
+
+    summaries = {folder: fit_or_resume(root / folder, values, runtime, on_start=write_plan)
+                 for folder, values in stages}
     finals = [s for k, s in summaries.items() if k.startswith("final")]
     result = {"root": str(root), "search": summaries["search"], "final": finals}
     write_text_atomic(root / "summary.json", json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _clear_unfinished(run_dir: Path) -> None:
-    """Remove a run folder that holds no checkpoint (only config and metadata were written)."""
-    # Everything a run writes before its first last.pth (a kill can land between any two of these writes).
-    allowed = {"config.yaml", "meta.json", "split.json", "tensorboard", "metrics.csv", "metrics.jsonl",
-               "abl_gamma.csv", "gamma.json", "best.pth", "pretrain.csv", "log.txt", "teacher.json"}
-    leftovers = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")}  # temp files of cut writes
-    if not leftovers <= allowed:
-        raise RunDirError(f"{str(run_dir)!r} holds files but no last.pth: inspect or remove it, then rerun")
-    for path in sorted(run_dir.rglob("*"), reverse=True):
-        path.rmdir() if path.is_dir() else path.unlink()
-    run_dir.rmdir()
 
 
 def format_pipeline(result: dict[str, Any]) -> str:

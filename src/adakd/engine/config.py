@@ -118,6 +118,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision on CUDA only; ignored on CPU
     channels_last: bool = False
+    compile: bool = False  # torch.compile the student's and teacher's forwards: fused kernels, CUDA graphs on CUDA
     deterministic: bool = False
     sync_bn: bool = False
     # CPU threads of each process (torch.set_num_threads); null keeps torch's default, one per core, which

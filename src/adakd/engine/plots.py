@@ -25,6 +25,19 @@ class PlottingUnavailable(RuntimeError):
     """matplotlib is not installed."""
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or PlottingUnavailable saying how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlottingUnavailable("plotting needs matplotlib: pip install matplotlib (or pip install '.[plot]' in "
+                                  "an adakd checkout)") from None
+    return plt
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     """metrics.csv of a run as rows of floats (empty cells dropped)."""
     path = Path(run_dir) / "metrics.csv"
@@ -128,15 +141,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, compare: Sequen
     `compare` names other run folders whose per-block accuracy is drawn beside this run's in block_accuracy.png.
     An `adakd abl` folder (pipeline.yaml, no metrics.csv) plots each of its stages (see `plot_pipeline`).
     """
-    try:
-        import matplotlib
+    plt = pyplot()
+    import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise PlottingUnavailable("plotting needs matplotlib: pip install matplotlib (or pip install '.[plot]' in "
-                                  "an adakd checkout)") from None
     folder_given = Path(run_dir)
     if not (folder_given / "metrics.csv").is_file():
         if (folder_given / "pipeline.yaml").is_file():

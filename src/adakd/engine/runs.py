@@ -55,6 +55,15 @@ def _built_from() -> dict[str, Any] | None:
         return None
 
 
+def one_line(err: BaseException) -> str:
+    """An error's message itself: a DataLoader worker re-raises with its traceback inside, ending 'Type: message'."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 class RunDirError(ValueError):
     """The run directory cannot be used as asked (it exists, or it is not a run)."""
 
@@ -119,6 +128,19 @@ class RunDir:
         if commit is not None:
             meta["git"] = commit
         write_text_atomic(self.path / "meta.json", json.dumps(meta, indent=2) + "\n")
+
+    def update_config(self, config: RunConfig) -> None:
+        """Rewrite config.yaml for a run resumed with overrides (the old one is kept as config.before-resume.yaml
+        the first time), and say so in log.txt."""
+        if not self.enabled:
+            return
+        current = self.path / "config.yaml"
+        first = self.path / "config.before-resume.yaml"
+        if current.is_file() and not first.is_file():
+            os.replace(current, first)
+        write_text_atomic(current, dump_yaml(config))
+        self.log_line("resumed with changed settings: config.yaml rewritten (the first config is in "
+                      "config.before-resume.yaml)")
 
     def resume(self, rows: list[dict[str, Any]], records: dict[str, list[dict[str, Any]]] | None = None) -> None:
         """Continue writing metrics (and per-step records) after those saved in the checkpoint."""

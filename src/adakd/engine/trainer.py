@@ -9,9 +9,10 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 import adakd
 from adakd import data as datasets
@@ -27,7 +28,7 @@ from adakd.engine.runs import RunDir
 from adakd.data.split import endless, stratified_split, subset
 from adakd.models.external import split_source
 from adakd.models.layers import with_input_channels
-from adakd.strategies.base import LossWeights, Precision
+from adakd.strategies.base import LossWeights, Precision, Strategy
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -78,6 +79,14 @@ def load_data(config: RunConfig, split: str):
     return dataset
 
 
+def teacher_candidate(name: str) -> Path | None:
+    """The published teacher under $ADAKD_TEACHERS when it exists (the CRD benchmark's layout of its teachers:
+    <dir>/<name>_vanilla/ckpt_epoch_240.pth)."""
+    root = os.environ.get("ADAKD_TEACHERS")
+    candidate = Path(root) / f"{name}_vanilla" / "ckpt_epoch_240.pth" if root else None
+    return candidate if candidate is not None and candidate.is_file() else None
+
+
 def build_model(spec, num_classes: int, role: str, needs_weights: bool = True, in_chans: int = 3) -> torch.nn.Module:
     """Create a zoo model for `in_chans`-channel images and load its weights strictly if a path is given."""
     kwargs = {"width_mult": spec.width_mult} if spec.width_mult is not None else {}
@@ -104,11 +113,8 @@ def build_model(spec, num_classes: int, role: str, needs_weights: bool = True, i
             raise ConfigError(f"{key}.in_chans={channels}: {err}; give {key}.in_chans=3 with a 3-channel "
                               "dataset") from None
     weights = spec.weights
-    if not weights and role == "teacher" and os.environ.get("ADAKD_TEACHERS"):
-        # The CRD benchmark's layout of published teachers: <dir>/<name>_vanilla/ckpt_epoch_240.pth.
-        candidate = Path(os.environ["ADAKD_TEACHERS"]) / f"{spec.name}_vanilla" / "ckpt_epoch_240.pth"
-        if candidate.is_file():
-            weights = str(candidate)
+    if not weights and role == "teacher" and teacher_candidate(spec.name) is not None:
+        weights = str(teacher_candidate(spec.name))
     if weights:
         models.load_weights(model, weights, model_name=spec.name)
     elif role == "teacher" and needs_weights:
@@ -141,6 +147,71 @@ def check_names(config: RunConfig) -> None:
         distillers.get(config.distill.method)
     strategies.get(config.strategy.name)
     datasets.dataset_info(config.data.name)
+
+
+def compile_options(device: torch.device) -> dict[str, Any]:
+    """The torch.compile arguments of `compile=true` on `device`."""
+    # Static shapes: an epoch's smaller tail batch gets a graph of its own instead of making every graph dynamic,
+    # and only static graphs can be replayed as CUDA graphs, which remove the launch cost of small kernels (CUDA only).
+    # fullgraph: a graph break would leave a slower patchwork, so such a part runs eagerly instead (see below).
+    options: dict[str, Any] = {"dynamic": False, "fullgraph": True}
+    if device.type == "cuda":
+        options["mode"] = "reduce-overhead"
+    return options
+
+
+def compile_networks(strategy: Strategy, device: torch.device, note: Callable[[str], None]) -> list[str]:
+    """Compile, in place, the forwards of the staged student and teacher that `strategy` drives; returns their names.
+
+    Strategies call these views as modules (whole forwards, SAKD's routing segments), so compiling the view's own
+    `forward` reaches every such call, while parameters, `state_dict` keys and checkpoints stay those of eager
+    runs. A view whose forward fails to compile runs eagerly from then on, with one `note`. A strategy that runs the
+    student block by block outside the view's forward (ABL's detached blocks) gets only its teacher compiled.
+    """
+    import torch._dynamo  # late: only compiled runs pay for importing the compiler
+
+    compiled = []
+    for part, module in (("student", distributed.unwrap(strategy.student)), ("teacher", strategy.teacher)):
+        if isinstance(module, nn.Module) and "forward" not in vars(module):
+            module.forward = _eager_on_failure(module, torch.compile(module.forward, **compile_options(device)),
+                                               part, note)
+            compiled.append(part)
+    # Every view, shape and mode (SAKD's segments, the tail batch, eval) is one cache entry of the same code object;
+    # torch's default of 8 would silently leave the rest eager. (torch < 2.6 names the limit cache_size_limit.)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    if device.type == "cuda":
+        strategy.training_step = _marking_steps(strategy.training_step)
+    return compiled
+
+
+def _eager_on_failure(module: nn.Module, compiled: Callable, part: str, note: Callable[[str], None]) -> Callable:
+    """`compiled`, or the module's eager forward for good once compiling fails (nothing has run by then)."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            del module.forward  # the class's eager forward again
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            note(f"compile=true: the {part} runs eagerly, torch.compile failed on it ({reason[:200]})")
+            return module.forward(*args, **kwargs)
+
+    return forward
+
+
+def _marking_steps(training_step: Callable) -> Callable:
+    """`training_step` that first tells CUDA graphs a new step begins.
+
+    A step may leave a compiled forward's backward unrun (SAKD's agent backward reaches only what it needs), and
+    CUDA-graph trees would then wait for it instead of reusing the last step's memory.
+    """
+
+    def step(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        torch.compiler.cudagraph_mark_step_begin()
+        return training_step(*args, **kwargs)
+
+    return step
 
 
 class Trainer:
@@ -216,6 +287,8 @@ class Trainer:
             # No buffer broadcast: CRD keeps its memory banks equal on every rank itself, and broadcasting
             # 2 x 50,000 x 128 floats every step would cost more than the step.
             self.strategy.distiller_forward = distributed.wrap_student(distiller, self.dist, broadcast_buffers=False)
+        if config.compile:
+            compile_networks(self.strategy, device, lambda text: self.say(text, warning=True))
         self.lr = base_lr(config.optim, config.data.batch_size)
         self.optimizers = build_optimizers(self.strategy.param_groups(), config.optim, self.lr)
         self.schedule = MultiStepSchedule(config.optim, self.optimizers, self.lr)
@@ -238,6 +311,8 @@ class Trainer:
                 self.run.write_json("split", self.split)
         else:
             self._restore(checkpoint)
+            if to_dict(config) != checkpoint["config"]:  # resumed with overrides, e.g. optim.epochs=300
+                self.run.update_config(config)
         if self.split is not None:
             # The held-out stream continues where the checkpoint left it: its position is the batches consumed.
             val_loader = datasets.make_loader(

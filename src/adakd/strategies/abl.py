@@ -68,6 +68,23 @@ class ABLOptions:
     early_stop_delta: float = 0.01
     early_stop_window: int = 2000
     log_every: int = 100
+    # Stage 1's length relative to the paper's (warm 40k + 10k meta steps on CIFAR, 240 epochs of 782 steps).
+    # A shorter recipe sets search_scale = its final run's steps / 187,680: warm_steps, meta_steps and
+    # early_stop_window are multiplied by it and meta_lr divided by it, so that meta_lr * meta_steps, the
+    # distance Adam can move gamma, stays as in the paper (at meta_lr 3e-4 and a few dozen meta steps p1 moves
+    # by only about 0.02).
+    search_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        scale = self.search_scale
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
+            raise ValueError(f"search_scale must be > 0, got {scale!r}")
+        if scale != 1.0:
+            for name in ("warm_steps", "meta_steps", "early_stop_window"):
+                object.__setattr__(self, name, max(1, round(getattr(self, name) * scale)))
+            object.__setattr__(self, "meta_lr", self.meta_lr / scale)
+            # Applied once: the fields now hold the scaled values, and a copy (dataclasses.replace) keeps them.
+            object.__setattr__(self, "search_scale", 1.0)
 
 
 def check_options(opts: ABLOptions) -> None:
@@ -656,6 +673,10 @@ class ABLBase(Strategy):
 @register_strategy("abl")
 class ABL(ABLBase):
     """Stage 2 (§7): p fixed at softmax(gamma*) from a search run (`gamma_from`), or given as `gamma` or `p1`."""
+
+    # The stage that finds gamma* when none is given: pipelines (`adakd abl`, sweeps) run it first.
+    search_strategy: ClassVar[str] = "abl-search"
+    search_options: ClassVar[tuple[str, ...]] = ("gamma_from", "gamma", "p1")
 
     def initial_p(self) -> Tensor:
         opts = self.options

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from adakd.strategies.base import Strategy
 from adakd.strategies.registry import register_strategy
-from adakd.strategies.sakd import SpotMasked, sample_uniform
+from adakd.strategies.sakd import SpotMasked, at_least_float32, sample_uniform
 
 
 class _FixedMasks(SpotMasked):
@@ -100,7 +100,8 @@ class NoDistill(Strategy):
         """Student forward, CE, one SGD step."""
         with self.precision.autocast():
             logits = self.student(images).features[-1]
-            ce = self.weights.ce * F.cross_entropy(logits.float(), targets)
+            # at_least_float32: autocast's half logits are upcast as before, and a float64 run stays float64.
+            ce = self.weights.ce * F.cross_entropy(at_least_float32(logits), targets)
         optimizer = self.optimizers["main"]
         optimizer.zero_grad(set_to_none=True)
         self.precision.backward(ce)

@@ -1,0 +1,49 @@
+"""Finish a run folder whatever state a crash left it in: done (summary.json), interrupted (last.pth) or new."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from adakd.engine.config import from_dict
+from adakd.engine.runs import RunDirError
+
+# Everything a run writes before its first last.pth (a kill can land between any two of these writes).
+_BEFORE_FIRST_CHECKPOINT = {"config.yaml", "meta.json", "split.json", "tensorboard", "metrics.csv", "metrics.jsonl",
+                            "abl_gamma.csv", "gamma.json", "best.pth", "pretrain.csv", "log.txt", "teacher.json"}
+
+
+def fit_or_resume(run_dir: Path, values: dict[str, Any], runtime: list[str] | None = None,
+                  on_start: Callable[[], None] | None = None) -> dict[str, Any]:
+    """The run's summary: read when finished, else resumed from last.pth, else trained from `values`.
+
+    `runtime` overrides (threads, device, log.progress) apply either way; they are how a launcher places a run.
+    `on_start` is called once the run is built (config accepted, data found) and before it trains.
+    """
+    from adakd.engine.config import merge, parse_override
+    from adakd.engine.trainer import Trainer
+
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text())
+    if (run_dir / "last.pth").is_file():
+        trainer = Trainer.resume(run_dir, runtime)
+    else:
+        if run_dir.exists():  # created, but killed before its first checkpoint: nothing to keep
+            clear_unfinished(run_dir)
+        for text in runtime or []:
+            values = merge(values, parse_override(text))
+        trainer = Trainer(from_dict(values))
+    if on_start is not None:
+        on_start()
+    return trainer.fit()
+
+
+def clear_unfinished(run_dir: Path) -> None:
+    """Remove a run folder that holds no checkpoint (only config and metadata were written)."""
+    leftovers = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")}  # temp files of cut writes
+    if not leftovers <= _BEFORE_FIRST_CHECKPOINT:
+        raise RunDirError(f"{str(run_dir)!r} holds files but no last.pth: inspect or remove it, then rerun")
+    for path in sorted(run_dir.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    run_dir.rmdir()
