@@ -42,6 +42,24 @@ def test_fashion_mnist_idx_files_train_a_one_channel_model(tmp_path):
     assert json.loads((run / "summary.json").read_text())["last_acc1"] > 20.0  # chance: 10 %; measured 40 %
 
 
+@pytest.mark.parametrize("strategy", ["sakd", "abl-search"])
+def test_adaptive_strategies_distil_on_grayscale_data(tmp_path, strategy):
+    """SAKD's adapters and ABL's heads are sized from a probe with the data's channel count (1 here), not 3."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    for prefix, n, seed in (("train", 96, 0), ("t10k", 40, 1)):
+        images, labels = banded(n, 10, 28, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images, 0x803)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels, 0x801)
+    common = ["dataset=fashion-mnist", f"data.root={tmp_path}", "data.image_size=16", "epochs=1",
+              f"out_dir={tmp_path / 'runs'}", *QUICK]
+    assert main(["train", "name=teacher", *common]) == 0
+    extra = ["strategy.args.warm_steps=2", "strategy.args.meta_steps=2"] if strategy.startswith("abl") else []
+    assert main(["distill", "name=student", "teacher.name=resnet8",
+                 f"teacher.weights={tmp_path / 'runs' / 'teacher' / 'last.pth'}", "method=at",
+                 f"strategy={strategy}", *extra, *common]) == 0
+    assert (tmp_path / "runs" / "student" / "summary.json").is_file()
+
+
 def write_folder(root: Path, per_class: dict[str, int], seed: int) -> None:
     classes = ["ant", "bee", "cat"]
     for split, n in per_class.items():

@@ -274,6 +274,8 @@ class Trainer:
         option_fields = {f.name for f in dataclasses.fields(option_class)} if option_class else set()
         if "input_size" in option_fields:  # a strategy that measures shapes (SAKD's adapters) gets the data's size
             strategy_args.setdefault("input_size", self.input_shape[-1])
+            if "input_channels" in option_fields:
+                strategy_args.setdefault("input_channels", self.input_shape[0])
         try:
             self.strategy = strategy_cls(wrapped, teacher, distiller, weights, student_spots, teacher_spots,
                                          **strategy_args)

@@ -40,6 +40,7 @@ class ABLOptions:
     """Every ABL knob; the defaults are the spec's one-line default configuration (§12)."""
 
     input_size: int = 32  # filled in by the engine from the data; the heads are built from measured block shapes
+    input_channels: int = 3  # filled in by the engine (1 for grayscale sets)
     aux_type: str = "aux3"
     aux_width: int | None = None
     aux_final_dim: int | None = None
@@ -350,7 +351,7 @@ class ABLBase(Strategy):
         try:
             ref = next(self.student_module.parameters())
             size = self.options.input_size
-            dummy = torch.zeros(1, 3, size, size, dtype=ref.dtype, device=ref.device)
+            dummy = torch.zeros(1, self.options.input_channels, size, size, dtype=ref.dtype, device=ref.device)
             out = forward_blocks(self.student_module, self.plan, dummy, False)
             return [tuple(h.shape[1:]) for h in out.block_outputs]
         finally:

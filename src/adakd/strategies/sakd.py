@@ -292,6 +292,8 @@ class SAKDOptions:
 
     input_size: int = 32
     """Square input resolution used to measure feature shapes for the adapters (the engine fills in the data's)."""
+    input_channels: int = 3
+    """Input channels for that measurement (the engine fills in the data's: 1 for grayscale sets)."""
     gumbel_tau: float = 5.0
     """Initial Gumbel temperature: [P] §IV-A.5 and [C] train.py both use 5."""
     gumbel_tau_schedule: str = "exp"
@@ -380,7 +382,7 @@ class SAKD(SpotMasked):
                  **options: Any) -> None:
         super().__init__(student, teacher, distiller, weights, student_spots, teacher_spots, **options)
         opts = self.options
-        size = (3, opts.input_size, opts.input_size)
+        size = (opts.input_channels, opts.input_size, opts.input_size)
         student_shapes = self.student_module.feature_shapes(size)
         teacher_shapes = teacher.feature_shapes(size)
         num = self.layout.num_decisions
