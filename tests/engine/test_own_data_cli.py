@@ -14,7 +14,7 @@ import pytest
 import torch
 from data.fake_data_files import idx_bytes, write_idx, write_png  # tests/data, through the rootdir on sys.path
 from engine.test_bad_input import fails as one_error_line
-from torch import Tensor, nn
+from models.test_external import _CrossingSkip, _DataDependent, _Plain  # the same user models
 
 from adakd import models
 from adakd.cli import main
@@ -62,49 +62,17 @@ def test_unknown_timm_name(tmp_path, capsys, command):
     assert "Did you mean 'timm:" in line  # close real names are offered
 
 
-class _Plain(nn.Module):
-    """A user model with ResNet-style layer1..N: the automatic view finds its stages."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-        self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
-        self.layer2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1))
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))
-
-
-class SkipAcross(_Plain):
-    """The stem output skips both stages: two tensors cross every cut after the stem."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        stem = self.stem(x)
-        return self.fc(self.layer2(self.layer1(stem)).mean((2, 3)) + stem.mean((1, 2, 3))[:, None])
-
-
-class DataDependent(_Plain):
-    """Python control flow on a tensor value: torch.fx cannot trace it."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.layer1(self.stem(x))
-        if x.sum() > 0:
-            x = x * 2
-        return self.fc(self.layer2(x).mean((2, 3)))
-
-
 @pytest.fixture
 def own_models(monkeypatch):
     """Registers the user's models `plain_net`, `skip_across`, `data_dependent` for one test."""
     monkeypatch.setattr(MODELS, "_builders", dict(MODELS._builders))
-    for name, cls in (("plain_net", _Plain), ("skip_across", SkipAcross), ("data_dependent", DataDependent)):
+    for name, cls in (("plain_net", _Plain), ("skip_across", _CrossingSkip), ("data_dependent", _DataDependent)):
         models.register_model(lambda num_classes=10, cls=cls, **_: cls(num_classes), name=name)
 
 
 @pytest.mark.parametrize(("name", "cls", "reason"), [
-    ("skip_across", SkipAcross, "cannot be cut after its block 'layer1.0': 2 values cross"),
-    ("data_dependent", DataDependent, "torch.fx cannot trace its forward"),
+    ("skip_across", _CrossingSkip, "cannot be cut after its block 'layer1.0': 2 values cross"),
+    ("data_dependent", _DataDependent, "torch.fx cannot trace its forward"),
 ], ids=["skip_across", "data_dependent"])
 @pytest.mark.parametrize("role", ["student", "teacher"])
 def test_unsplittable_model(tmp_path, capsys, own_models, name, cls, reason, role):

@@ -220,12 +220,12 @@ def test_available_by_source() -> None:
 class _Plain(nn.Module):
     """A user model with ResNet-style `layer1..N`: staged automatically."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = CLASSES) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
         self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
         self.layer2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1))
-        self.fc = nn.Linear(16, CLASSES)
+        self.fc = nn.Linear(16, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))

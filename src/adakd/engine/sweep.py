@@ -30,7 +30,8 @@ import yaml
 from adakd.engine.config import (ConfigError, DistillConfig, ModelConfig, StrategyConfig, from_dict, read_yaml,
                                  resolve, to_dict)
 from adakd.engine.runs import write_text_atomic
-from adakd.registry import suggestions
+from adakd.models.external import ModelSourceError
+from adakd.registry import UnknownNameError, suggestions
 
 GRID_KEYS = ("description", "presets", "overrides", "axes", "include", "exclude", "rules", "seeds", "baselines",
              "teachers", "teacher_per_seed", "teacher_overrides", "table", "paper", "gpus_per_cell", "slurm")
@@ -291,6 +292,7 @@ def plan(grid: dict[str, Any], label: str, out: Path, overrides: list[str] | Non
     if set(baselines) - {"student"}:
         raise SweepError(f"grid {label}: baselines may only list 'student', got {baselines!r}")
     per_seed_teacher = bool(grid.get("teacher_per_seed", False))
+    seeds = _seeds(grid, label)
     teacher_extra = _override_texts(grid.get("teacher_overrides"), f"grid {label}: teacher_overrides")
     cells_dir = out / "cells"
     added = _Registry(cells_dir)
@@ -303,20 +305,17 @@ def plan(grid: dict[str, Any], label: str, out: Path, overrides: list[str] | Non
             setting.overrides += part.overrides
         for rule in rules:
             if _matches(coords, rule["match"]):
-                part = _setting({k: v for k, v in rule.items() if k != "match"}.get("overrides") or {},
-                                f"grid {label}: rule {rule['match']}")
+                part = _setting(rule.get("overrides") or {}, f"grid {label}: rule {rule['match']}")
                 setting.presets += list(rule.get("presets") or [])
                 setting.overrides += part.overrides
-        for seed in _seeds(grid, label):
+        for seed in seeds:
             name = _cell_name(coords, seed)
             texts = [*common, *setting.overrides, *extra.overrides, *overrides,
                      f"seed={seed}", f"out_dir={json.dumps(str(cells_dir))}", f"name={json.dumps(name)}"]
             try:
                 config = resolve([*presets, *setting.presets, *extra.presets], None, ["task=distill", *texts])
                 check_names(config)
-            except ConfigError as err:
-                raise SweepError(f"grid {label}, cell {name}: {err}") from None
-            except Exception as err:  # an unknown registry name: one line naming the cell
+            except (ConfigError, UnknownNameError, ModelSourceError) as err:  # one line naming the cell
                 raise SweepError(f"grid {label}, cell {name}: {err}") from None
             values = to_dict(config)
             kind = "distill" if config.task == "distill" else "train"
