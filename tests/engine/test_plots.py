@@ -15,7 +15,7 @@ from test_plots_abl import write_csv
 
 
 def write_run(folder: Path, epochs: int = 3, shares: bool = False, gamma_steps: tuple[int, ...] = (),
-              warm_steps: int | None = None, strategy: str | None = None) -> Path:
+              warm_steps: int | None = None, strategy: str | None = None, args: dict | None = None) -> Path:
     """A run folder in the formats the trainer writes (metrics.csv, abl_gamma.csv, config.yaml)."""
     folder.mkdir(parents=True)
     rows = []
@@ -31,7 +31,7 @@ def write_run(folder: Path, epochs: int = 3, shares: bool = False, gamma_steps: 
             {"step": step, "epoch": 0, "phase": "warm" if step < (warm_steps or 0) else "meta",
              "p1/block1": 0.5, "p2/block1": 0.5, "p1/block2": 0.5, "p2/block2": 0.5} for step in gamma_steps])
     if strategy:
-        args = {} if warm_steps is None else {"warm_steps": warm_steps}
+        args = {**({} if warm_steps is None else {"warm_steps": warm_steps}), **(args or {})}
         (folder / "config.yaml").write_text(yaml.safe_dump({"strategy": {"name": strategy, "args": args}}))
     return folder
 
@@ -54,6 +54,17 @@ def figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict]:
 
     monkeypatch.setattr(Figure, "savefig", record)
     return seen
+
+
+def test_a_long_run_name_takes_its_own_title_line(tmp_path: Path, figures: dict[str, dict]) -> None:
+    # A sweep cell's pipeline stage: on one line the title ran past the figure's edge (Fashion-MNIST study).
+    name = "method-fitnets_strategy-abl_seed0"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "pipeline.yaml").write_text("seeds: 1\n")
+    plot_run(write_run(tmp_path / name / "search", gamma_steps=(0, 100), strategy="abl-search"))
+    assert figures["gamma_trajectories.png"]["title"] == (f"{name}/search:\n"
+                                                          "ABL student weight per block (ABL Fig. 3)")
+    assert figures["accuracy.png"]["title"] == f"{name}/search: accuracy"  # short enough for one line
 
 
 def test_every_title_names_the_run(tmp_path: Path, figures: dict[str, dict]) -> None:
@@ -107,6 +118,15 @@ def test_warm_band_uses_the_options_default_when_the_config_omits_it(tmp_path: P
     plot_run(write_run(tmp_path / "search", gamma_steps=(0, 100), strategy="abl-search"))
     assert figures["gamma_trajectories.png"]["dashed_x"] == [[default, default]]
     assert figures["gamma_trajectories.png"]["spans"] == [(0.0, float(default))]
+
+
+def test_warm_band_follows_search_scale(tmp_path: Path, figures: dict[str, dict]) -> None:
+    # The band once ended at the unscaled 40,000 steps for a search scaled to 213 (the Fashion-MNIST study).
+    scaled = ABLOptions(search_scale=0.01).warm_steps
+    assert scaled == round(ABLOptions().warm_steps * 0.01)
+    plot_run(write_run(tmp_path / "search", gamma_steps=(0, 100, 500), strategy="abl-search",
+                       args={"search_scale": 0.01}))
+    assert figures["gamma_trajectories.png"]["spans"] == [(0.0, float(scaled))]
 
 
 def test_warm_band_falls_back_to_the_first_meta_row_without_config(tmp_path: Path,

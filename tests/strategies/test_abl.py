@@ -530,6 +530,16 @@ def test_bilevel_steps_move_gamma_and_log_every_meta_iteration():
     assert torch.allclose(torch.tensor(artifact["gamma"], dtype=torch.float64), st.gamma.detach().double())
 
 
+def test_a_search_shorter_than_log_every_still_logs_its_last_gamma_update():
+    # Found by the Fashion-MNIST study: 53 updates at log_every 100 left abl_gamma.csv with warm rows only.
+    st = search(meta_steps=3, meta_lr=0.05, log_every=100)
+    for step in range(5):
+        st.training_step(*batch(step), 1, step)
+    rows = st.drain_records()["abl_gamma"]
+    assert [(r["phase"], r["meta_step"]) for r in rows] == [("meta", 3)]
+    assert rows[0]["p1/block1"] == pytest.approx(float(st.current_p()[0, 0]))
+
+
 def test_early_stop_once_p_settles():
     st = search(meta_steps=50, meta_lr=1e-9, early_stop_window=2, early_stop_delta=0.01)
     st.attach_validation(endless(Batches([batch(9)])))
@@ -619,6 +629,7 @@ def test_search_scale_shortens_the_search_and_keeps_how_far_gamma_can_move():
 
     paper, scaled = ABLOptions(), ABLOptions(search_scale=0.01)
     assert (scaled.warm_steps, scaled.meta_steps, scaled.early_stop_window) == (400, 100, 20)
+    assert scaled.log_every == 1  # 100 x 0.01: abl_gamma.csv keeps its rows per search (early stopping reads them)
     assert scaled.meta_lr * scaled.meta_steps == pytest.approx(paper.meta_lr * paper.meta_steps)
     assert steps_budget(scaled) == 500
     assert dataclasses.replace(scaled) == scaled  # applied once: a copy is not scaled again

@@ -99,12 +99,17 @@ def configured_warm_steps(run_dir: str | Path) -> int | None:
     option_class = getattr(cls, "option_class", None)
     if option_class is None or not dataclasses.is_dataclass(option_class):
         return None
-    defaults = {f.name: f.default for f in dataclasses.fields(option_class)}
-    if "warm_steps" not in defaults:
+    fields = {f.name for f in dataclasses.fields(option_class)}
+    if "warm_steps" not in fields:
         return None
-    args = strategy.get("args") or {}
-    # Precedence of the strategy itself: the user's args over the class preset over the options' default.
-    value = args.get("warm_steps", (getattr(cls, "preset", None) or {}).get("warm_steps", defaults["warm_steps"]))
+    # Precedence of the strategy itself: the user's args over the class preset over the options' default; the
+    # options class applies its own rules (search_scale), so the figure shows the warm start the run used.
+    merged = {**(getattr(cls, "preset", None) or {}), **(strategy.get("args") or {})}
+    try:
+        options = option_class(**{k: v for k, v in merged.items() if k in fields})
+    except (TypeError, ValueError):
+        return None
+    value = options.warm_steps
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -176,6 +181,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, compare: Sequen
     def marker(points: int) -> dict[str, object]:
         return {"marker": "o", "markersize": 4} if points < MARKERS_BELOW else {}
 
+    def title(ax, what: str) -> None:
+        # A 6.4-inch figure holds about 70 characters of title: a longer one puts the run name on its own line.
+        ax.set_title(f"{name}: {what}" if len(name) + len(what) <= 68 else f"{name}:\n{what}")
+
     def save(fig, name: str) -> Path:
         fig.tight_layout()
         path = folder / f"{name}.png"
@@ -183,7 +192,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, compare: Sequen
         plt.close(fig)
         return path
 
-    def figure(file: str, keys: list[str], ylabel: str, title: str, short_labels: bool = True,
+    def figure(file: str, keys: list[str], ylabel: str, what: str, short_labels: bool = True,
                ylim: tuple[float, float] | None = None) -> Path | None:
         keys = [k for k in keys if any(k in r for r in rows)]
         if not keys:
@@ -198,7 +207,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, compare: Sequen
         ax.set_ylabel(ylabel)
         if ylim is not None:
             ax.set_ylim(*ylim)
-        ax.set_title(f"{name}: {title}")
+        title(ax, what)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", ncol=1 + len(keys) // 12)
         return save(fig, file)
@@ -227,7 +236,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, compare: Sequen
         ax.set_xlabel("training step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_ylabel("student weight p1 (p2 = 1 - p1)")
-        ax.set_title(f"{name}: ABL student weight per block (ABL Fig. 3)")
+        title(ax, "ABL student weight per block (ABL Fig. 3)")
         ax.grid(alpha=0.3)
         if len(keys) <= 12:
             ax.legend(fontsize="small", ncol=1 + len(keys) // 7)
@@ -248,7 +257,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, compare: Sequen
             ax.plot(blocks, accuracy, marker="o", label=label)
         ax.set_xlabel("block (last = the student's own classifier)")
         ax.set_ylabel("test top-1 of the block's head (%)")
-        ax.set_title(f"{name}: per-block test accuracy (ABL Fig. 4c / Fig. 6)")
+        title(ax, "per-block test accuracy (ABL Fig. 4c / Fig. 6)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")

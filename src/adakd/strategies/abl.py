@@ -70,10 +70,11 @@ class ABLOptions:
     early_stop_window: int = 2000
     log_every: int = 100
     # Stage 1's length relative to the paper's (warm 40k + 10k meta steps on CIFAR, 240 epochs of 782 steps).
-    # A shorter recipe sets search_scale = its final run's steps / 187,680: warm_steps, meta_steps and
-    # early_stop_window are multiplied by it and meta_lr divided by it, so that meta_lr * meta_steps, the
-    # distance Adam can move gamma, stays as in the paper (at meta_lr 3e-4 and a few dozen meta steps p1 moves
-    # by only about 0.02).
+    # A shorter recipe sets search_scale = its final run's steps / 187,680: warm_steps, meta_steps,
+    # early_stop_window and log_every are multiplied by it and meta_lr divided by it, so that meta_lr * meta_steps,
+    # the distance Adam can move gamma, stays as in the paper (at meta_lr 3e-4 and a few dozen meta steps p1 moves
+    # by only about 0.02), and abl_gamma.csv (which the early-stopping check reads) keeps the paper's density of
+    # rows per search.
     search_scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -81,7 +82,7 @@ class ABLOptions:
         if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
             raise ValueError(f"search_scale must be > 0, got {scale!r}")
         if scale != 1.0:
-            for name in ("warm_steps", "meta_steps", "early_stop_window"):
+            for name in ("warm_steps", "meta_steps", "early_stop_window", "log_every"):
                 object.__setattr__(self, name, max(1, round(getattr(self, name) * scale)))
             object.__setattr__(self, "meta_lr", self.meta_lr / scale)
             # Applied once: the fields now hold the scaled values, and a copy (dataclasses.replace) keeps them.
@@ -850,7 +851,8 @@ class ABLSearch(ABLBase):
         self.meta_step(parts, val_images, val_targets, val_indices, epoch)
         p = self.current_p()
         self.apply(self.combined(parts, p))
-        if self.meta_done % self.options.log_every == 0:
+        # The last gamma update is always logged: a search shorter than log_every updates still has its curve.
+        if self.meta_done % self.options.log_every == 0 or self.meta_done == self.options.meta_steps:
             self.record(step, epoch, "meta", parts)
         return self.step_output(parts.terms, parts.logits, p, targets)
 
