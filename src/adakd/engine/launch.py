@@ -331,6 +331,10 @@ def run_sweep(grid: str, overrides: list[str], out: str | Path | None = None, jo
             print("to run it, give " + " ".join(f"--teacher {name}=PATH" for name in missing), file=stream)
         return {}, sweep.root
     sweep.check_unchanged(cells)
+    if launcher == "slurm":  # before the sweep folder is written: a missing extra leaves nothing behind
+        from adakd.engine.slurm import require_submitit
+
+        require_submitit()
     if any(sweep.state(c)["state"] != "done" for c in cells):
         _preflight(cells)
     sweep.write_plan(label, given["source"], given["overrides"], given["teachers"], cells)

@@ -31,10 +31,15 @@ if submitit is not None:
             return run_cell(self.root, self.name, self.runtime)
 
 
-def executor_for(sweep: Sweep, parameters: dict[str, Any], jobs: int) -> Any:
-    """A submitit executor writing its job files under <sweep>/slurm; `cluster=local` runs jobs on this machine."""
+def require_submitit() -> None:
+    """One error saying how to install submitit, if it is missing."""
     if submitit is None:
         raise SweepError("--launcher slurm needs submitit: pip install \"adakd[slurm]\"")
+
+
+def executor_for(sweep: Sweep, parameters: dict[str, Any], jobs: int) -> Any:
+    """A submitit executor writing its job files under <sweep>/slurm; `cluster=local` runs jobs on this machine."""
+    require_submitit()
     cluster = parameters.pop("cluster", None)
     executor = submitit.AutoExecutor(folder=str(sweep.root / "slurm" / "%j"), cluster=cluster)
     settings = {**DEFAULTS, **parameters}
