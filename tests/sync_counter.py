@@ -12,10 +12,13 @@ bincount) are listed by their own names. Each hit keeps the innermost adakd sour
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import adakd
 
 aten = torch.ops.aten
 
@@ -69,12 +72,18 @@ def _host_device_copy(func, args, kwargs) -> bool:
     return source.type != "cpu" or not kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
 
 
+# adakd's own source folder: a frame belongs to adakd when its file lies under it. Matching "/adakd/" in the path
+# took this helper (and every test) for adakd's source in a checkout folder named adakd.
+PACKAGE_DIR = Path(adakd.__file__).resolve().parent
+
+
 def _where() -> str:
     """The innermost frame in adakd's source (else the innermost outside torch and this file)."""
     frames = traceback.extract_stack()
     for frame in reversed(frames):
-        if "/adakd/" in frame.filename.replace("\\", "/"):
-            return f"{frame.filename.split('/src/')[-1]}:{frame.lineno}"
+        path = Path(frame.filename).resolve()
+        if path.is_relative_to(PACKAGE_DIR):
+            return f"{path.relative_to(PACKAGE_DIR.parent).as_posix()}:{frame.lineno}"
     for frame in reversed(frames):
         path = frame.filename.replace("\\", "/")
         if "/torch/" not in path and path.rsplit("/", 1)[-1] != "sync_counter.py":

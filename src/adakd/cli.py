@@ -3,7 +3,9 @@ decisions."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--seeds", type=int, default=1, help="stage-2 runs (seeds seed, seed+1, ...) reusing one gamma")
     ev = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a dataset's test split")
     ev.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
-    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    # default=[]: argparse counts a "*" positional without a default as required in its "required:" error.
+    ev.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                     help="e.g. model.name=resnet56 data.name=cifar100 data.root=PATH (needed for a bare checkpoint)")
     ev.add_argument("--preset", action="append", default=[], metavar="NAME")
     ev.add_argument("--checkpoint", choices=("last", "best"), default="last",
@@ -52,13 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                                       "continue); finished cells are skipped, interrupted ones resumed")
     sw.add_argument("grid", metavar="GRID", help="a shipped grid (see `adakd sweeps`), a grid YAML file, or the "
                                                  "folder of a sweep to continue")
-    sw.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every cell, e.g. data.root=PATH")
+    sw.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="applied to every cell, e.g. data.root=PATH")
     sw.add_argument("--out", default=None, help="the sweep folder (default runs/sweep-<grid>)")
     sw.add_argument("--jobs", type=int, default=1, help="cells at once (local: GPUs or CPU cores are shared out; "
                                                         "slurm: the job array's parallelism)")
     sw.add_argument("--launcher", choices=("local", "slurm"), default="local")
     sw.add_argument("--dry-run", action="store_true", help="validate and list every cell; run nothing")
     sw.add_argument("--retry-failed", action="store_true", help="run failed cells again (else they are listed)")
+    sw.add_argument("--wait", action="store_true", help="if another `adakd sweep` is running on the folder, wait "
+                                                        "for it to end instead of stopping")
     sw.add_argument("--teacher", action="append", default=[], metavar="NAME=PATH",
                     help="a teacher's checkpoint (repeatable); teachers not given are trained by the sweep first")
     sw.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
@@ -134,11 +140,26 @@ def _abl(args: argparse.Namespace) -> int:
 
 
 def format_summary(summary: dict) -> str:
-    """Two labelled lines: last-epoch and best-epoch test accuracy."""
+    """Two labelled lines: last-epoch and best-epoch test accuracy (top-5 only with more than 5 classes)."""
+    from adakd.engine.loop import top5_text
+
     return (f"run: {summary['run_dir']}\n"
-            f"last epoch ({summary['epochs']}): top-1 {summary['last_acc1']:.2f}%  top-5 {summary['last_acc5']:.2f}%\n"
-            f"best epoch ({summary['best_epoch']}): top-1 {summary['best_acc1']:.2f}%  "
-            f"top-5 {summary['best_acc5']:.2f}%  (selected on the test split; report 'last' for comparisons)")
+            f"last epoch ({summary['epochs']}): top-1 {summary['last_acc1']:.2f}%"
+            f"{top5_text(summary.get('last_acc5'))}\n"
+            f"best epoch ({summary['best_epoch']}): top-1 {summary['best_acc1']:.2f}%"
+            f"{top5_text(summary.get('best_acc5'))}  (selected on the test split; report 'last' for comparisons)")
+
+
+def abl_folder_hint(root: Path) -> str:
+    """Why `adakd eval` cannot score an `adakd abl` folder itself, and the run folders inside it that it can."""
+    finals = sorted((p.name for p in root.glob("final_seed*") if p.is_dir()),
+                    key=lambda name: (len(name), name))  # final_seed2 before final_seed10
+    runs = [*finals, *(["search"] if (root / "search").is_dir() else [])]
+    listed = ", ".join(f"{name}/" for name in runs) or "none yet (resume it with `adakd abl --resume`)"
+    example = root / (finals[0] if finals else "final_seed0")
+    return (f"{str(root)!r} is an `adakd abl` pipeline folder (pipeline.yaml), not a run: it holds the γ search "
+            f"(search/) and the final runs (final_seed<k>/); score a final run, e.g. `adakd eval {example}` (runs "
+            f"here: {listed})")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -147,7 +168,7 @@ def _eval(args: argparse.Namespace) -> int:
     from adakd.engine.config import from_dict, merge, parse_override, resolve
     from adakd.engine.checkpoint import load_run_checkpoint
     from adakd.engine.distributed import pick_device
-    from adakd.engine.loop import evaluate
+    from adakd.engine.loop import evaluate, top5_text
     from adakd.engine.trainer import load_data
     from adakd.models.checkpoint import CheckpointError
 
@@ -157,6 +178,8 @@ def _eval(args: argparse.Namespace) -> int:
     epoch = None
     if target.is_dir():
         weights = target / f"{args.checkpoint}.pth"
+        if not weights.is_file() and (target / "pipeline.yaml").is_file():
+            raise CheckpointError(abl_folder_hint(target))
         if not weights.is_file():
             other = "best" if args.checkpoint == "last" else "last"
             fix = (f"score {other}.pth with --checkpoint {other}" if (target / f"{other}.pth").is_file() else
@@ -182,7 +205,7 @@ def _eval(args: argparse.Namespace) -> int:
     # Name the epoch that was scored: last and best differ, and only 'last' is a fair comparison.
     which = f", {args.checkpoint} epoch ({epoch})" if epoch is not None else ""
     print(f"{config.model.name} on {config.data.name} test ({len(test_set)} images) from {weights}{which}: "
-          f"top-1 {result['acc1']:.2f}%  top-5 {result['acc5']:.2f}%  loss {result['loss']:.4f}")
+          f"top-1 {result['acc1']:.2f}%{top5_text(result.get('acc5'))}  loss {result['loss']:.4f}")
     return 0
 
 
@@ -231,7 +254,7 @@ def _sweep(args: argparse.Namespace) -> int:
     failed, root = run_sweep(args.grid, list(args.overrides), out=args.out, jobs=args.jobs, launcher=args.launcher,
                              dry_run=args.dry_run, retry_failed=args.retry_failed,
                              teachers=_key_values(args.teacher, "--teacher"),
-                             slurm=_key_values(args.slurm, "--slurm"), watch=_watch_sweep)
+                             slurm=_key_values(args.slurm, "--slurm"), watch=_watch_sweep, wait=args.wait)
     return 1 if failed else 0
 
 
@@ -267,7 +290,8 @@ _RESUME_HINT: dict[str, str] = {}
 
 
 def _watch_run(command: str, run_dir: Path) -> None:
-    """Remember how to continue `run_dir` if the user interrupts it."""
+    """Remember how to continue `run_dir` if the user interrupts it (or the disk fills up)."""
+    _RESUME_HINT["command"] = f"adakd {command} --resume {run_dir}"
     _RESUME_HINT["text"] = (f"Continue with `adakd {command} --resume {run_dir}` (it restarts the interrupted epoch "
                             "from the last finished one; a run stopped before its first epoch ended must be "
                             "started again)")
@@ -279,12 +303,45 @@ def _watch_sweep(_command: str, root: Path) -> None:
                             "from their last epoch")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, SLURM and `kill` send), raised in the main thread to stop a run as Ctrl-C does."""
+
+
+def _stop_on_sigterm() -> object:
+    """Make SIGTERM raise Terminated in this process; returns the handler to restore afterwards (None when this is
+    not the main thread, where no handler can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    stopping: list[int] = []
+
+    # Forked DataLoader workers inherit the handler: there too it stops them as Ctrl-C does, so they end cleanly
+    # (killed by the signal, they would make the main process print a traceback at exit).
+    def handler(signum: int, frame: object) -> None:
+        if stopping:  # `timeout` signals the process, then its whole group: one stop is enough
+            return
+        stopping.append(signum)
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _line_buffered_stdout() -> None:
+    """Flush stdout at each newline: redirected to a file or pipe, Python block-buffers it, and a run's lines
+    then reached its log only minutes later."""
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+    except (AttributeError, ValueError, OSError):  # no stdout (pythonw), or a stream that cannot be reconfigured
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `adakd` console script; bad input exits 2 with one clear line."""
+    _line_buffered_stdout()
+    _RESUME_HINT.clear()  # a hint is about the run this call starts, not an earlier call in the same process
     from adakd.data import DatasetError
     from adakd.engine.config import ConfigError
     from adakd.engine.loop import NonFiniteLossError
-    from adakd.engine.runs import RunDirError, one_line
+    from adakd.engine.runs import DiskFullError, RunDirError, one_line
     from adakd.models.auto_staged import AutoLayoutError
     from adakd.models.checkpoint import CheckpointError
     from adakd.models.external import ModelSourceError
@@ -300,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    previous_sigterm = _stop_on_sigterm()
     try:
         if args.command in ("train", "distill"):
             return _run(args, args.command)
@@ -359,17 +417,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             text, failed = run_demo(args.out, list(args.overrides), seeds=args.seeds, jobs=args.jobs)
             print(text)
             return 1 if failed else 0
+    except DiskFullError as err:  # before RunDirError, its base class: the resume command is the one this CLI ran
+        print(f"adakd: error: {err.describe(_RESUME_HINT.get('command'))}", file=sys.stderr)
+        return 2
     except (ConfigError, DatasetError, CheckpointError, RunDirError, UnknownNameError, FileNotFoundError,
             ModelSourceError, AutoLayoutError) as err:
         print(f"adakd: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"adakd: interrupted. {_RESUME_HINT.get('text', 'Nothing was started.')}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        # SIGTERM stops a run as Ctrl-C does; the exit status follows the shell's 128 + signal number (15, 2).
+        stopped, status = ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+        print(f"adakd: {stopped}. {_RESUME_HINT.get('text', 'Nothing was started.')}", file=sys.stderr)
+        return status
     except NonFiniteLossError as err:
         print(f"adakd: error: {err}. The last good checkpoint is kept; lower optim.lr or check the data.",
               file=sys.stderr)
         return 3
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return 2
 
 

@@ -188,3 +188,60 @@ def test_bad_options(tree: Path) -> None:
         load_dataset("folder", "train", root=tree, in_memory="yes")
     with pytest.raises(DatasetError, match="option image_size must be a positive int, got 0"):
         load_dataset("folder", "train", root=tree, image_size=0)
+
+
+def test_symlink_loop_is_one_line_naming_the_link(tree: Path) -> None:
+    (tree / "train" / "bee" / "again").symlink_to("..")  # train/bee/again -> train/: train/bee/again/bee/again/...
+    with pytest.raises(DatasetError, match=r"^folder: symlink loop: train/bee/again -> \.\. leads back") as info:
+        load_dataset("folder", "train", root=tree)
+    assert "again/bee" not in str(info.value) and "\n" not in str(info.value)
+    (tree / "train" / "bee" / "again").unlink()
+    # Two folders whose links point at each other loop too; the link that turns back is named.
+    (tree / "val" / "cat" / "x").mkdir()
+    (tree / "val" / "cat" / "y").mkdir()
+    (tree / "val" / "cat" / "x" / "to_y").symlink_to("../y")
+    (tree / "val" / "cat" / "y" / "to_x").symlink_to("../x")
+    with pytest.raises(DatasetError, match=r"symlink loop: val/cat/x/to_y/to_x -> \.\./x leads back"):
+        load_dataset("folder", "test", root=tree)
+
+
+def test_a_link_to_a_folder_outside_is_followed(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    extra = tmp_path_factory.mktemp("extra")
+    write_png(extra / "more.png", pixels(7))
+    (tree / "train" / "ant" / "linked").symlink_to(extra)
+    train = load_dataset("folder", "train", root=tree)
+    assert len(train) == 10 and torch.equal(train.images[3], torch.from_numpy(pixels(7)).permute(2, 0, 1))
+
+
+def test_animated_gif_gives_its_first_frame(tree: Path) -> None:
+    frames = [Image.fromarray(pixels(50 + k)).quantize(colors=256) for k in range(3)]
+    path = tree / "train" / "cat" / "c3.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with Image.open(path) as image:
+        assert image.n_frames == 3
+    train = load_dataset("folder", "train", root=tree)
+    assert len(train) == 10 and train.targets.tolist()[-4:] == [2, 2, 2, 2]
+    first = np.array(frames[0].convert("RGB"))  # the palette image as saved: what frame 0 decodes to
+    assert torch.equal(train.images[9], torch.from_numpy(first).permute(2, 0, 1))  # c3.gif sorts after c2.png
+    streamed = load_dataset("folder", "train", root=tree, in_memory=False)
+    assert streamed[9][0].shape == (3, 224, 224)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped_with_one_warning(tree: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(folder, "_WARNED_WIDE", [], raising=False)
+    wide = np.zeros((32, 32), dtype=np.uint16)
+    wide[0, :6] = [0, 128, 129, 257, 1000, 65535]  # round(v / 257): 0, 0, 1, 1, 4, 255
+    wide[1:] = 32896  # 128 * 257
+    for name in ("a3", "a4"):
+        Image.fromarray(wide).save(tree / "train" / "ant" / f"{name}.png")
+    with Image.open(tree / "train" / "ant" / "a3.png") as image:
+        assert image.mode == "I;16" and np.asarray(image.convert("L"))[0, 4] == 255  # what PIL alone gives
+    train = load_dataset("folder", "train", root=tree)
+    for index in (3, 4):
+        assert train.images[index, :, 0, :6].tolist() == [[0, 0, 1, 1, 4, 255]] * 3
+        assert bool((train.images[index, :, 1:] == 128).all())
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "16-bit" in line]
+    assert warnings == ["adakd: warning: folder: ant/a3.png is 16-bit grayscale (PIL mode I;16); 16-bit images are "
+                        "scaled to 8 bits (value / 257) as they are read"]
+    load_dataset("folder", "test", root=tree)  # decodes train again for the statistics: no second warning
+    assert "16-bit" not in capsys.readouterr().err

@@ -42,3 +42,23 @@ def test_host_resident_tensors_are_not_counted():
         step.item()
         torch.tensor(1.0).item()
     assert syncs.count == 1
+
+
+def test_attributes_syncs_to_the_caller_in_a_checkout_folder_named_adakd(tmp_path):
+    """A clone into a folder named `adakd` (the README's `git clone ... adakd`) puts this helper under `/adakd/`:
+    the counter must still name the caller, not its own frame (issue 18, item 2)."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    import sync_counter
+
+    copy = tmp_path / "adakd" / "tests" / "sync_counter.py"
+    copy.parent.mkdir(parents=True)
+    shutil.copy(sync_counter.__file__, copy)
+    spec = importlib.util.spec_from_file_location("sync_counter_in_adakd_folder", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with module.SyncCounter() as syncs:
+        torch.randn(3).sum().item()
+    assert [where.split(":")[0] for _, where in syncs.hits] == [Path(__file__).name], syncs.report()

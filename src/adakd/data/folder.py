@@ -13,11 +13,15 @@ is fed to the model: in memory, exactly over every pixel of the held images; str
 STATS_SAMPLE training images (numpy RandomState(0)) at the test geometry. Either is computed once per process.
 
 Files whose names start with "." (.DS_Store, ._x.jpg) and folders such as .ipynb_checkpoints are skipped; any other
-file that is not an image by its extension is an error, so a stray file is never silently a sample.
+file that is not an image by its extension is an error, so a stray file is never silently a sample. Images are
+torchvision's IMG_EXTENSIONS plus .gif (an animated GIF gives its first frame, as PIL opens it). A 16-bit grayscale
+image (PNG mode I;16) is scaled to 8 bits (value / 257, rounded), with one warning per process; PIL alone would clip
+it at 255. A symbolic link that leads back into a folder it sits in is an error, not an endless walk.
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +35,21 @@ from .arrays import ArrayDataset, channel_stats
 from .errors import DatasetError, Source
 from .imagenet import FolderDataset, make_transform
 
+# torchvision's ImageFolder extensions plus GIF, which PIL reads (first frame) like any other image.
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 SOURCE = Source(
     name="folder", env="ADAKD_DATA_FOLDER",
     expected=f"<root>/train/<class>/<image> and <root>/val/<class>/<image> (or test/ when there is no val/), the "
-             f"same class folders in both, images ending in {', '.join(IMG_EXTENSIONS)}",
+             f"same class folders in both, images ending in {', '.join(IMAGE_EXTENSIONS)}",
     parent_subdir="folder")
 IN_MEMORY_BYTES = 2 * 1024 ** 3
 MEMORY_SIZE = 32  # default image_size of a set held in memory
 STREAM_SIZE = 224  # default image_size of a streamed set
 STATS_SAMPLE = 512
 _STATS: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+# PIL modes of single-channel images with more than 8 bits per pixel (16-bit PNG and TIFF grayscale).
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WARNED_WIDE: list[str] = []  # the first 16-bit file met in this process, once warned about
 
 
 def info(image_size: int | None = None, in_memory: bool | None = None, **_load_options: object) -> dict:
@@ -74,13 +83,18 @@ def list_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]
     files, labels = [], []
     for label, name in enumerate(classes):
         found = []
+        # The real paths of the folders from the class folder down to each walked folder: a link that resolves to
+        # one of them would be walked forever (each level re-listing the same images).
+        chains = {str(folder / name): (os.path.realpath(folder / name),)}
         for directory, subdirs, names in os.walk(folder / name, followlinks=True):
             subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            for subdir in subdirs:
+                chains[os.path.join(directory, subdir)] = _walk_chain(folder, directory, subdir, chains[directory])
             for file in sorted(names):
                 if file.startswith("."):
                     continue
                 path = Path(directory) / file
-                if not file.lower().endswith(IMG_EXTENSIONS):
+                if not file.lower().endswith(IMAGE_EXTENSIONS):
                     raise SOURCE.error(f"{path.relative_to(folder.parent)} is not an image file (class folders may "
                                        f"hold only images); move it out or delete it", path)
                 found.append(path)
@@ -91,10 +105,40 @@ def list_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]
     return files, labels
 
 
+def _walk_chain(folder: Path, directory: str, subdir: str, chain: tuple[str, ...]) -> tuple[str, ...]:
+    """`chain` extended by the real path of `directory`/`subdir`; a DatasetError if it is already in it (a loop)."""
+    path = os.path.join(directory, subdir)
+    real = os.path.realpath(path)
+    if real not in chain:
+        return (*chain, real)
+    link = Path(path)
+    while not link.is_symlink() and link != folder:  # the link that turns back is the last one on the path
+        link = link.parent
+    if not link.is_symlink():  # a loop without a link (a bind mount): name the folder that repeats
+        link = Path(path)
+    target = f" -> {os.readlink(link)}" if link.is_symlink() else ""
+    raise SOURCE.error(f"symlink loop: {link.relative_to(folder.parent)}{target} leads back to a folder it sits in, "
+                       "so the class folder would be walked forever; remove the link or point it outside the class "
+                       "folder", link)
+
+
+def to_rgb(image: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """The image (its first frame if animated) in RGB; 16-bit grayscale is scaled to 8 bits, not clipped."""
+    if image.mode in WIDE_GRAY_MODES:
+        wide = np.asarray(image).astype(np.int64).clip(0, 65535)
+        if not _WARNED_WIDE:
+            _WARNED_WIDE.append(str(path))
+            print(f"adakd: warning: folder: {Path(path).parent.name}/{Path(path).name} is 16-bit grayscale (PIL mode "
+                  f"{image.mode}); 16-bit images are scaled to 8 bits (value / 257) as they are read", file=sys.stderr,
+                  flush=True)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # round(value / 257)
+    return image.convert("RGB")
+
+
 def _open_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image, path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # how PIL reports bad files
         raise SOURCE.error(f"cannot decode {path.parent.name}/{path.name} ({type(exc).__name__}: {exc}); replace "
                            "or remove the file", path) from None
@@ -168,7 +212,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, target = self.samples[index]
         with Image.open(path) as image:  # a bad file raises OSError, which FolderDataset words
-            rgb = image.convert("RGB")
+            rgb = to_rgb(image, path)
         return self.transform(rgb), target
 
 

@@ -12,6 +12,7 @@ image exactly once (ranks may then differ by one batch).
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterator
 
 import torch
@@ -31,6 +32,20 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed << 16) + epoch
 
 
+def auto_num_workers() -> int:
+    """Loader workers when none are given: at most 4, leaving one of this process's cores to the training itself.
+
+    The cores are those torch's DataLoader counts when it warns about too many workers (the CPU affinity), shared
+    among the processes of a DDP run on this node; 4 workers on a 2-core machine made torch warn and oversubscribed it.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(4, cores // processes - 1))
+
+
 def _num_samples(n: int, train: bool, rank: int, world_size: int) -> int:
     return math.ceil(n / world_size) if train else len(range(rank, n, world_size))
 
@@ -42,6 +57,7 @@ class ArrayLoader:
                  rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
         self.dataset, self.batch_size, self.train, self.device = dataset, batch_size, train, device
         self.seed, self.rank, self.world_size, self.drop_last, self.epoch = seed, rank, world_size, drop_last, 0
+        self.num_workers = 0  # batches are gathered on the device: no worker processes
         augment = dataset.augment if train else "none"
         self.flip = "flip" in augment
         self.pad = dataset.crop_padding if "crop" in augment else 0
@@ -115,8 +131,9 @@ class FolderLoader:
 
     def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, *, train: bool, device: torch.device,
                  seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                 num_workers: int = 4) -> None:
+                 num_workers: int | None = None) -> None:
         self.device, self.seed = device, seed
+        self.num_workers = num_workers = auto_num_workers() if num_workers is None else num_workers
         self.generator = None
         if train and world_size > 1:
             sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
@@ -152,8 +169,11 @@ class FolderLoader:
 
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, train: bool, device: torch.device,
                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                num_workers: int = 4) -> ArrayLoader | FolderLoader:
-    """Batches (images float32 normalised, targets, indices) on `device`; see the module docstring for the order."""
+                num_workers: int | None = None) -> ArrayLoader | FolderLoader:
+    """Batches (images float32 normalised, targets, indices) on `device`; see the module docstring for the order.
+
+    num_workers: loader worker processes for a dataset read item by item; None picks `auto_num_workers()`.
+    """
     device = torch.device(device)
     if isinstance(dataset, ArrayDataset):
         return ArrayLoader(dataset, batch_size, train=train, device=device, seed=seed, rank=rank,

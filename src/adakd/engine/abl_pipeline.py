@@ -95,7 +95,12 @@ def format_pipeline(result: dict[str, Any]) -> str:
     root = Path(result["root"])
     gamma = json.loads((root / "search" / "gamma.json").read_text())
     p1 = " ".join(f"{v:.3f}" for v in gamma["p1"])
-    lines = [f"search: {root / 'search'} ({gamma['meta_steps']} gamma updates); student weight p1 per block: {p1}"]
+    ran = gamma.get("search") or {}  # older gamma.json files have no record of the search's size
+    done = f"{gamma['meta_steps']}" + (f" of up to {ran['meta_steps']}" if "meta_steps" in ran else "")
+    size = (f" at meta_lr {ran['meta_lr']:.3g}, search_scale {ran['search_scale']} (S = {ran['scale']:.3g})"
+            if {"meta_lr", "search_scale", "scale"} <= set(ran) else "")
+    settled = ", stopped early: p1 settled" if gamma.get("stopped_early") else ""
+    lines = [f"search: {root / 'search'} ({done} gamma updates{size}{settled}); student weight p1 per block: {p1}"]
     last = [s["last_acc1"] for s in result["final"]]
     best = [s["best_acc1"] for s in result["final"]]
 

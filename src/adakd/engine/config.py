@@ -44,7 +44,9 @@ class DataConfig:
     root: str | None = None
     batch_size: int = 64
     test_batch_size: int = 64
-    num_workers: int = 4
+    # Loader worker processes for datasets read from disk (in-memory ones need none); null: auto, at most 4 and
+    # never more than the cores of this process less one (4 on 2 cores oversubscribed them and made torch warn).
+    num_workers: int | None = None
     image_size: int | None = None
     tiny_aug: str = "flip"
     train_size: int | None = None  # keep only the first N training samples (quick experiments)
@@ -121,7 +123,8 @@ class RunConfig:
     compile: bool = False  # torch.compile the student's and teacher's forwards: fused kernels, CUDA graphs on CUDA
     deterministic: bool = False
     sync_bn: bool = False
-    # CPU threads of each process (torch.set_num_threads); null keeps torch's default, one per core, which
+    # CPU threads of each process (torch.set_num_threads); null: auto, the cores no other process is using at start
+    # (shared among the processes of a DDP run, at most torch's default). torch's default, one per core,
     # oversubscribes a loaded machine (measured 7.5x slower than 1 thread per process under load).
     threads: int | None = None
     out_dir: str = "runs"
@@ -291,8 +294,13 @@ def resolve(
     files: list[str | Path] | None = None,
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
+    after: list[str] | None = None,
 ) -> RunConfig:
-    """Defaults <- presets <- YAML files <- dotted overrides, validated into a RunConfig."""
+    """Defaults <- presets <- YAML files <- dotted overrides <- `after` overrides, validated into a RunConfig.
+
+    `after` is one more layer on top of the command line (a sweep's teacher_overrides): its epochs rescale the
+    milestones the layers below wrote, exactly as an `epochs=` on the command line of `adakd train` would.
+    """
     values: dict[str, Any] = dict(base or {})
     # The epochs that the milestones in force were written for: a later layer that changes only the epochs
     # (`epochs=5` on the 240-epoch recipe) scales them, or the lr would never decay.
@@ -301,7 +309,12 @@ def resolve(
     command_line: dict[str, Any] = {}
     for text in overrides or []:
         command_line = merge(command_line, parse_override(text))
+    last_layer: dict[str, Any] = {}
+    for text in after or []:
+        last_layer = merge(last_layer, parse_override(text))
     layers = [load_preset(name) for name in presets or []] + [read_yaml(path) for path in files or []] + [command_line]
+    if after:
+        layers.append(last_layer)
     for layer in layers:
         values = merge(values, layer)
         if _optim_value(layer, "milestones") is not None:
@@ -340,6 +353,11 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+def is_plain_folder_name(name: str) -> bool:
+    """True for one path component: no separator, not '.' or '..', not absolute (so out_dir/name stays inside)."""
+    return "/" not in name and "\\" not in name and name not in (".", "..") and not Path(name).is_absolute()
+
+
 def validate(config: RunConfig) -> None:
     """Range checks that types alone cannot express."""
     for method, entry in config.distill.by_method.items():
@@ -363,7 +381,8 @@ def validate(config: RunConfig) -> None:
         (list(config.optim.milestones) == sorted(config.optim.milestones), "optim.milestones", "must be increasing"),
         (config.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
         (config.data.test_batch_size >= 1, "data.test_batch_size", "must be >= 1"),
-        (config.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (config.data.num_workers is None or config.data.num_workers >= 0, "data.num_workers",
+         "must be >= 0 (or null for auto)"),
         (config.data.image_size is None or config.data.image_size >= 1, "data.image_size",
          "must be >= 1 (or null for the dataset's own size)"),
         (config.data.train_size is None or config.data.train_size >= 1, "data.train_size",
@@ -382,7 +401,8 @@ def validate(config: RunConfig) -> None:
         (config.log.eval_every >= 1, "log.eval_every", "must be >= 1 (epochs between test evaluations)"),
         (config.model.in_chans is None or config.model.in_chans >= 1, "model.in_chans", "must be >= 1"),
         (config.teacher.in_chans is None or config.teacher.in_chans >= 1, "teacher.in_chans", "must be >= 1"),
-        (config.threads is None or config.threads >= 1, "threads", "must be >= 1 (or null for torch's default)"),
+        (config.threads is None or config.threads >= 1, "threads",
+         "must be >= 1 (or null for auto: the cores not busy at start)"),
         (config.model.name is not None, "model.name", "must name a model, e.g. model.name=resnet20"),
         (config.task != "distill" or config.teacher.name is not None, "teacher.name",
          "must name the teacher for task=distill, e.g. teacher.name=resnet56 teacher.weights=PATH"),
@@ -393,6 +413,10 @@ def validate(config: RunConfig) -> None:
             for part in key.split("."):
                 value = getattr(value, part)
             raise ConfigError(f"{key} {message}, got {list(value) if isinstance(value, tuple) else value!r}")
+    if config.name and not is_plain_folder_name(config.name):
+        # The run folder is out_dir/name: a path here would write (and on resume, read) outside out_dir.
+        raise ConfigError(f"name must be a plain folder name (no '/', '\\', '..' or absolute path), got "
+                          f"{config.name!r}; choose where runs go with out_dir=PATH and give name=NAME")
     if config.task == "train":
         # `adakd train` fits model.name alone with cross-entropy: distillation settings would be ignored silently.
         # teacher.name alone is allowed (a pair preset sets it, and training its student alone is the baseline).

@@ -254,17 +254,35 @@ LAUNCHERS: dict[str, Callable[..., dict[str, str]]] = {"local": run_local, "slur
 
 
 def _preflight(cells: list[Cell]) -> None:
-    """Open the test split of every distinct dataset once, so a wrong data.root fails before any cell starts."""
-    from adakd.engine.config import from_dict
-    from adakd.engine.trainer import load_data
+    """Open the test split of every distinct dataset once and load every teacher file the sweep does not train into
+    its network, so a wrong data.root or --teacher fails before any cell starts."""
+    from adakd.engine.config import ConfigError, from_dict
+    from adakd.engine.trainer import build_model, load_data, teacher_candidate
+    from adakd.models.checkpoint import CheckpointError
 
-    seen = []
+    datasets: list[tuple[dict[str, Any], Any]] = []
+    checked: list[Any] = []
     for cell in cells:
         data = cell.config["data"]
-        if data in seen:
+        opened = next((d for seen, d in datasets if seen == data), None)
+        if opened is None:
+            opened = load_data(from_dict(cell.config), "test")
+            datasets.append((data, opened))
+        teacher = cell.config.get("teacher") or {}
+        if cell.kind == "train" or cell.teacher_cell is not None or not (
+                teacher.get("weights") or teacher_candidate(teacher.get("name", ""))):
+            continue  # trained alone, taught by a teacher the sweep trains first, or a scratch teacher
+        key = (teacher, data)
+        if key in checked:
             continue
-        seen.append(data)
-        load_data(from_dict(cell.config), "test")
+        checked.append(key)
+        config = from_dict(cell.config)
+        path = config.teacher.weights or teacher_candidate(config.teacher.name)
+        try:
+            build_model(config.teacher, opened.num_classes, "teacher", in_chans=opened[0][0].shape[0])
+        except (CheckpointError, ConfigError, OSError) as err:
+            raise SweepError(f"teacher {config.teacher.name} ({path}), needed by cell {cell.name}: {err}; fix "
+                             f"--teacher {config.teacher.name}=PATH (nothing was run)") from None
 
 
 def prepare(grid: str, overrides: list[str], out: str | Path | None, teachers: dict[str, str] | None = None,
@@ -316,8 +334,12 @@ def run_sweep(grid: str, overrides: list[str], out: str | Path | None = None, jo
               launcher: str = "local", dry_run: bool = False, retry_failed: bool = False,
               teachers: dict[str, str] | None = None, slurm: dict[str, Any] | None = None,
               watch: Callable[[str, Path], None] | None = None, stream: TextIO | None = None,
-              seeds: int | None = None, progress: bool = True) -> tuple[dict, Path]:
-    """Plan, validate and run a sweep; print its table; return (failed cell -> error, sweep folder)."""
+              seeds: int | None = None, progress: bool = True, wait: bool = False) -> tuple[dict, Path]:
+    """Plan, validate and run a sweep; print its table; return (failed cell -> error, sweep folder).
+
+    One sweep process per folder: another live one makes this one stop with the holder named, or wait (`wait`).
+    """
+    from adakd.engine.sweep_lock import SweepLock
     from adakd.engine.sweep_report import format_table
 
     stream = stream or sys.stdout
@@ -337,6 +359,26 @@ def run_sweep(grid: str, overrides: list[str], out: str | Path | None = None, jo
         require_submitit()
     if any(sweep.state(c)["state"] != "done" for c in cells):
         _preflight(cells)
+    with SweepLock(sweep.root, wait=wait, on_wait=lambda text: print(text, file=sys.stderr)):
+        return _run_locked(sweep, cells, label, given, run, launcher, jobs, retry_failed, slurm, watch, stream,
+                           progress, format_table)
+
+
+def _run_locked(sweep: Sweep, cells: list[Cell], label: str, given: dict[str, Any], run: Callable[..., dict[str, str]],
+                launcher: str, jobs: int, retry_failed: bool, slurm: dict[str, Any] | None,
+                watch: Callable[[str, Path], None] | None, stream: TextIO, progress: bool,
+                format_table: Callable[[Path], str]) -> tuple[dict, Path]:
+    """run_sweep's part under the folder's lock: write the plan, restart fixed failures, run, report."""
+    # Checked again under the lock: a sweep this one waited for may have started cells meanwhile.
+    for name in sweep.check_unchanged(cells):
+        moved = sweep.set_aside(name)
+        print(f"cell {name} failed with another config; its config changed, so it starts again (the failed run "
+              f"was moved to {moved})", file=stream)
+    for cell in cells:  # a truncated last.pth cannot be resumed: --retry-failed restarts the cell from epoch 1
+        if retry_failed and sweep.state(cell).get("restart"):
+            moved = sweep.set_aside(cell.name)
+            print(f"cell {cell.name}: its last.pth could not be read, so it restarts from epoch 1 (the old run was "
+                  f"moved to {moved})", file=stream)
     sweep.write_plan(label, given["source"], given["overrides"], given["teachers"], cells)
     if watch is not None:
         watch("sweep", sweep.root)
@@ -354,7 +396,8 @@ def run_sweep(grid: str, overrides: list[str], out: str | Path | None = None, jo
         print(f"\n{len(failed)} cell(s) failed:", file=stream)
         for name, error in failed.items():
             print(f"  {name}: {error}  (log: {sweep.log_file(name)})", file=stream)
-        print(f"rerun `adakd sweep {sweep.root}` to continue (add --retry-failed to run the failed cells again)",
+        print(f"rerun `adakd sweep {sweep.root}` to continue (add --retry-failed to run the failed cells again; a "
+              "cell whose last.pth cannot be read then restarts from epoch 1, its old folder kept under failed/)",
               file=stream)
     return failed, sweep.root
 

@@ -14,6 +14,9 @@ from adakd.engine.distributed import all_reduce_sum
 from adakd.strategies.base import Precision, Strategy
 
 
+TOP5 = 5  # the k of top-k accuracy, reported only with more classes than k
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -63,11 +66,15 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, precision: Precision | None = None) -> dict[str, float]:
-    """Top-1, top-5 (percent) and mean cross-entropy of a classifier over a loader."""
+    """Top-1, top-5 (percent) and mean cross-entropy of a classifier over a loader.
+
+    "acc5" is left out with 5 classes or fewer: there every sample is in its top 5, so 100 % would say nothing.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    num_classes = 0
     context = precision.autocast if precision is not None else None
     for images, targets, _ in loader:
         if context is not None:
@@ -75,7 +82,8 @@ def evaluate(model: nn.Module, loader: Iterable, precision: Precision | None = N
                 logits = model(images).float()
         else:
             logits = model(images).float()
-        k = min(5, logits.shape[1])
+        num_classes = logits.shape[1]
+        k = min(TOP5, num_classes)
         top = logits.topk(k, dim=1).indices
         hits = top == targets[:, None]
         sums += torch.stack([
@@ -86,4 +94,12 @@ def evaluate(model: nn.Module, loader: Iterable, precision: Precision | None = N
         ])
     model.train(was_training)
     loss, top1, top5, count = all_reduce_sum(sums).tolist()
-    return {"loss": loss / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count}
+    result = {"loss": loss / count, "acc1": 100 * top1 / count}
+    if num_classes > TOP5:
+        result["acc5"] = 100 * top5 / count
+    return result
+
+
+def top5_text(acc5: float | None) -> str:
+    """The text '  top-5 NN.NN%' that follows a top-1, or '' where top-5 is not measured (5 classes or fewer)."""
+    return "" if acc5 is None else f"  top-5 {acc5:.2f}%"

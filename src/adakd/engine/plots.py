@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Sequence
@@ -84,6 +85,12 @@ def configured_warm_steps(run_dir: str | Path) -> int | None:
     from adakd import strategies
     from adakd.registry import UnknownNameError
 
+    try:  # what the search recorded it ran with (search_scale=auto sizes it from the data, unknown to the config)
+        ran = json.loads((Path(run_dir) / "gamma.json").read_text()).get("search", {}).get("warm_steps")
+        if isinstance(ran, int) and not isinstance(ran, bool):
+            return ran
+    except (OSError, ValueError, AttributeError):
+        pass
     path = Path(run_dir) / "config.yaml"
     try:
         values = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -266,8 +273,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, compare: Sequen
     skip = {"train/loss", "train/acc1", "train/images_per_s"}
     terms = [c for c in columns if c.startswith("train/") and c not in skip and not any(s in c for s in _NOT_LOSSES)]
     made = [
-        figure("accuracy", ["train/acc1", "test/acc1", "test/acc5"], "top-1 / top-5 (%)", "accuracy",
-               short_labels=False),
+        figure("accuracy", ["train/acc1", "test/acc1", "test/acc5"],
+               "top-1 / top-5 (%)" if "test/acc5" in columns else "top-1 (%)", "accuracy", short_labels=False),
         figure("losses", ["train/loss", *terms], "loss (weighted term)", "training loss terms"),
         figure("spot_shares", [c for c in columns if "/share/" in c], "share of samples distilled",
                "distilled share per spot (SAKD Fig. 3)", ylim=SHARE_YLIM),

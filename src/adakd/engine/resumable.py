@@ -7,6 +7,11 @@ from typing import Any, Callable
 
 from adakd.engine.config import from_dict
 from adakd.engine.runs import RunDirError
+from adakd.models.checkpoint import CheckpointError
+
+
+class UnreadableCheckpointError(RunDirError):
+    """An interrupted run's last.pth is truncated or corrupt: it can only restart from scratch."""
 
 # Everything a run writes before its first last.pth (a kill can land between any two of these writes).
 _BEFORE_FIRST_CHECKPOINT = {"config.yaml", "meta.json", "split.json", "tensorboard", "metrics.csv", "metrics.jsonl",
@@ -27,7 +32,15 @@ def fit_or_resume(run_dir: Path, values: dict[str, Any], runtime: list[str] | No
     if summary_file.is_file():
         return json.loads(summary_file.read_text())
     if (run_dir / "last.pth").is_file():
-        trainer = Trainer.resume(run_dir, runtime)
+        try:
+            trainer = Trainer.resume(run_dir, runtime)
+        except CheckpointError as err:
+            if str(run_dir / "last.pth") not in str(err):
+                raise  # another file (a teacher's) is at fault
+            raise UnreadableCheckpointError(
+                f"{run_dir / 'last.pth'} cannot be read, so the run cannot continue ({err}); to restart it from its "
+                f"first epoch, move {run_dir} aside (its best.pth keeps the best weights so far) and run again"
+            ) from None
     else:
         if run_dir.exists():  # created, but killed before its first checkpoint: nothing to keep
             clear_unfinished(run_dir)

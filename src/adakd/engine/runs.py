@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -68,11 +69,55 @@ class RunDirError(ValueError):
     """The run directory cannot be used as asked (it exists, or it is not a run)."""
 
 
+# ENOSPC, and EDQUOT (a quota is full) where the platform has it: both are fixed by freeing space.
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def disk_full(err: BaseException | None) -> OSError | None:
+    """The 'no space left' OSError behind `err`, else None.
+
+    torch.save re-raises a full disk as a RuntimeError ('unexpected pos ...') whose context holds the OSError, and
+    closing the file raises the OSError again on top: the whole chain is searched.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class DiskFullError(RunDirError):
+    """The disk filled up while a run wrote its files; says what was kept and how to continue."""
+
+    def __init__(self, problem: str, kept: str, resume_command: str | None) -> None:
+        self.problem, self.kept, self.resume_command = problem, kept, resume_command
+        super().__init__(self.describe())
+
+    def describe(self, resume_command: str | None = None) -> str:
+        """The one line: what failed, what is kept, and the fix (with `resume_command` when the caller knows it)."""
+        command = resume_command or self.resume_command
+        if self.resume_command:
+            return f"{self.problem}; {self.kept}. Free space, then continue with `{command}`"
+        return (f"{self.problem}; {self.kept}. Free space (or give out_dir= on another disk), then run the same "
+                "command again")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file via a temporary file and rename."""
+    """Write a small text file via a temporary file and rename; a failed write leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _stale_temp(path: Path) -> bool:
+    """A temporary file of a write cut short (write_text_atomic, save_atomic): garbage, never the user's."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
 
 
 class RunDir:
@@ -96,8 +141,14 @@ class RunDir:
         return self.path / "best.pth"
 
     def check_new(self) -> None:
-        """Raise if the directory exists and is not empty: a run is never overwritten silently."""
-        if self.path.exists() and any(self.path.iterdir()):
+        """Raise if the directory exists and is not empty, or cannot be a folder: a run is never overwritten
+        silently, and a path through a file fails here, not after the data is loaded."""
+        blocking = next((p for p in (self.path, *self.path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise RunDirError(
+                f"cannot make run directory {str(self.path)!r}: {str(blocking)!r} is a file, not a folder; give "
+                "out_dir= a folder (it is created if missing), or choose another name=NEW_NAME")
+        if self.path.exists() and any(not _stale_temp(p) for p in self.path.iterdir()):
             if not self.last_checkpoint.is_file():
                 raise RunDirError(
                     f"run directory {str(self.path)!r} already exists but holds no last.pth (the run stopped before "
@@ -108,12 +159,36 @@ class RunDir:
                 "or choose another with name=NEW_NAME (or out_dir=...)"
             )
 
-    def create(self, config: RunConfig, command: list[str] | None = None) -> None:
-        """Make a new run directory; an existing non-empty one is never overwritten."""
+    def create(self, config: RunConfig, command: list[str] | None = None,
+               runtime: dict[str, Any] | None = None) -> None:
+        """Make a new run directory; an existing non-empty one is never overwritten. `runtime`: the values that
+        auto settings (threads, data.num_workers) resolved to, recorded in meta.json."""
         if not self.enabled:
             return
         self.check_new()
-        self.path.mkdir(parents=True, exist_ok=True)
+        made = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for stale in filter(_stale_temp, self.path.iterdir()):
+                stale.unlink()
+            self._write_start_files(config, command, runtime)
+        except OSError as err:
+            # Whatever was written is removed, so the same command works once the cause is fixed.
+            for name in ("config.yaml", "meta.json"):
+                (self.path / name).unlink(missing_ok=True)
+            if made and self.path.is_dir() and not any(self.path.iterdir()):
+                self.path.rmdir()
+            if disk_full(err):
+                raise DiskFullError(f"no space left on device to create run directory {str(self.path)!r}",
+                                    "nothing was written", None) from None
+            if isinstance(err, PermissionError):
+                raise RunDirError(f"cannot write run directory {str(self.path)!r}: permission denied; give out_dir= "
+                                  "a folder you can write") from None
+            raise
+
+    def _write_start_files(self, config: RunConfig, command: list[str] | None,
+                           runtime: dict[str, Any] | None) -> None:
+        """config.yaml and meta.json of a new run."""
         write_text_atomic(self.path / "config.yaml", dump_yaml(config))
         meta = {
             "adakd_version": adakd.__version__,
@@ -124,6 +199,8 @@ class RunDir:
             "seed": config.seed,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if runtime:
+            meta["runtime"] = dict(runtime)
         commit = source_commit()
         if commit is not None:
             meta["git"] = commit
@@ -210,5 +287,10 @@ class RunDir:
             write_text_atomic(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def close(self) -> None:
+        """Close TensorBoard's writer; on a full disk its last events are lost, the run's files are not."""
         if self._tensorboard is not None:
-            self._tensorboard.close()
+            try:
+                self._tensorboard.close()
+            except (OSError, RuntimeError) as err:
+                if disk_full(err) is None:
+                    raise

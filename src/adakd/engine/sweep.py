@@ -27,8 +27,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from adakd.engine.config import (ConfigError, DistillConfig, ModelConfig, StrategyConfig, from_dict, read_yaml,
-                                 resolve, to_dict)
+from adakd.engine.config import (SHORTHANDS, ConfigError, DistillConfig, ModelConfig, StrategyConfig, from_dict,
+                                 read_yaml, resolve, to_dict)
 from adakd.engine.runs import write_text_atomic
 from adakd.models.external import ModelSourceError
 from adakd.registry import UnknownNameError, suggestions
@@ -236,16 +236,11 @@ class _Registry:
         self.out = out
         self.cells: dict[str, Cell] = {}
 
-    def add(self, prefix: str, role: str, values: dict[str, Any], seed: int,
-            extra: list[str] | None = None) -> Cell:
+    def add(self, prefix: str, role: str, values: dict[str, Any], seed: int) -> Cell:
         """The cell training `values` alone, created once per distinct config; a name taken by another config gets
-        a hash of its config as suffix. `extra` overrides apply to it (a grid's teacher_overrides)."""
-        from adakd.engine.config import merge, parse_override
-
+        a hash of its config as suffix."""
         base = f"{prefix}_seed{seed}"
         config = _alone(values, values["model"], base, seed, self.out)
-        for text in extra or []:
-            config = merge(config, parse_override(text))
         identity = {k: v for k, v in config.items() if k != "name"}
         for name in (base, f"{prefix}-{_short_hash(identity)}_seed{seed}"):
             existing = self.cells.get(name)
@@ -310,10 +305,14 @@ def plan(grid: dict[str, Any], label: str, out: Path, overrides: list[str] | Non
                 setting.overrides += part.overrides
         for seed in seeds:
             name = _cell_name(coords, seed)
-            texts = [*common, *setting.overrides, *extra.overrides, *overrides,
-                     f"seed={seed}", f"out_dir={json.dumps(str(cells_dir))}", f"name={json.dumps(name)}"]
+            # The grid is one layer (like a --config file), the sweep's command line another on top of it, so
+            # `epochs=` given to the sweep rescales milestones the grid wrote, as it would for `adakd train`.
+            layers = _Layers([*presets, *setting.presets, *extra.presets],
+                             ["task=distill", *common, *setting.overrides, *extra.overrides],
+                             [*overrides, f"seed={seed}", f"out_dir={json.dumps(str(cells_dir))}",
+                              f"name={json.dumps(name)}"])
             try:
-                config = resolve([*presets, *setting.presets, *extra.presets], None, ["task=distill", *texts])
+                config = resolve(layers.presets, None, layers.grid, after=layers.command)
                 check_names(config)
             except (ConfigError, UnknownNameError, ModelSourceError) as err:  # one line naming the cell
                 raise SweepError(f"grid {label}, cell {name}: {err}") from None
@@ -325,7 +324,7 @@ def plan(grid: dict[str, Any], label: str, out: Path, overrides: list[str] | Non
                     k in config.strategy.args for k in search_options):
                 kind = "pipeline"
             cell = Cell(name, kind, coords, seed, values)
-            _attach_teacher(cell, config, given, required, added, per_seed_teacher, teacher_extra)
+            _attach_teacher(cell, config, given, required, added, per_seed_teacher, layers, teacher_extra, label)
             if "student" in baselines and kind != "train":
                 student = added.add(f"student-{config.model.name}", "student", values, seed)
                 cell.student_cell = student.name
@@ -339,8 +338,39 @@ def plan(grid: dict[str, Any], label: str, out: Path, overrides: list[str] | Non
     return [*added.cells.values(), *cells]
 
 
+@dataclass
+class _Layers:
+    """The layers a cell was resolved from (its teacher is resolved again from them): presets, the grid's
+    overrides, and the sweep's command line with the cell's seed and folder."""
+
+    presets: list[str]
+    grid: list[str]
+    command: list[str]
+
+
+def _teacher_override(text: str) -> str:
+    """A teacher_overrides entry as an override of the distill config: `model.*` there is the teacher."""
+    key, _, value = text.partition("=")
+    key = SHORTHANDS.get(key, key)
+    return f"teacher.{key[len('model.'):]}={value}" if key.startswith("model.") else f"{key}={value}"
+
+
+def _teacher_values(layers: _Layers, extra: list[str], label: str, cell: str) -> dict[str, Any]:
+    """The config of the cell's teacher trained alone: the cell's layers resolved again with teacher_overrides on
+    top of the grid's overrides (the sweep's command line still last), so a teacher's own `epochs` rescales the
+    recipe's milestones as `adakd train` would (merged into the students' resolved config, it kept the students'
+    milestones: issue 18)."""
+    try:
+        config = resolve(layers.presets, None, layers.grid,
+                         after=[*(_teacher_override(t) for t in extra), *layers.command])
+    except ConfigError as err:
+        raise SweepError(f"grid {label}, teacher of cell {cell} (teacher_overrides): {err}") from None
+    values = to_dict(config)
+    return {**values, "model": dict(values["teacher"])}
+
+
 def _attach_teacher(cell: Cell, config: Any, given: dict[str, str], required: set[str], added: _Registry,
-                    per_seed: bool, extra: list[str]) -> None:
+                    per_seed: bool, layers: _Layers, extra: list[str], label: str) -> None:
     """Point a distill cell at its teacher: given, found under ADAKD_TEACHERS, or a teacher cell trained first."""
     if config.task != "distill" or config.teacher.weights or config.strategy.args.get("teacher_init") == "scratch":
         return
@@ -355,8 +385,8 @@ def _attach_teacher(cell: Cell, config: Any, given: dict[str, str], required: se
     if name in required:
         raise SweepError(f"teacher {name} must be given, the sweep does not train it: add "
                          f"--teacher {name}=PATH (a checkpoint: .pth, .safetensors or a run folder)")
-    teacher_values = {**cell.config, "model": dict(cell.config["teacher"])}
-    teacher = added.add(f"teacher-{name}", "teacher", teacher_values, cell.seed if per_seed else 0, extra)
+    teacher_values = _teacher_values(layers, extra, label, cell.name)
+    teacher = added.add(f"teacher-{name}", "teacher", teacher_values, cell.seed if per_seed else 0)
     cell.after.append(teacher.name)
     cell.teacher_cell = teacher.name
     cell.config["teacher"]["weights"] = str(added.out / teacher.name / "last.pth")
@@ -374,10 +404,20 @@ def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: values}
 
 
+# Settings that place a run on a machine or change what it reports, not what it learns: a sweep continues across
+# them (threads and loader workers are chosen per machine; null means measured at start).
+PLACEMENT_KEYS = ("threads", "data.num_workers", "log.")
+
+
+def _placement(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in PLACEMENT_KEYS)
+
+
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """'key: old -> new' for every dotted key that differs."""
+    """'key: old -> new' for every dotted key that differs, except threads and log.* (they change no result)."""
     a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not _placement(k)]
 
 
 class Sweep:
@@ -397,33 +437,70 @@ class Sweep:
         return self.root / "logs" / f"{name}.log"
 
     def load(self) -> dict[str, Any]:
-        """sweep.yaml, or one error saying the folder is not a sweep."""
+        """sweep.yaml, or one error saying the folder is not a sweep or how to rebuild a damaged sweep.yaml."""
         if not self.manifest.is_file():
             raise SweepError(f"{str(self.root)!r} is not a sweep folder (no sweep.yaml); give the --out folder of "
                              "an `adakd sweep`")
-        return yaml.safe_load(self.manifest.read_text())
+        try:
+            manifest = yaml.safe_load(self.manifest.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise SweepError(self._damaged(f"is not valid YAML ({type(err).__name__})")) from None
+        missing = [k for k in ("grid", "overrides", "teachers", "source", "cells")
+                   if not isinstance(manifest, dict) or k not in manifest]
+        if missing:
+            raise SweepError(self._damaged(f"lacks {', '.join(missing)} (cut short?)"))
+        return manifest
+
+    def _damaged(self, what: str) -> str:
+        return (f"{self.manifest} {what}: rebuild it by running `adakd sweep GRID --out {self.root}` with the grid, "
+                "KEY=VALUE overrides and --teacher options it was started with (finished cells are kept)")
+
+    def _plan_file(self, name: str) -> dict[str, Any]:
+        path = self.root / "plan" / f"{name}.yaml"
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
+            raise SweepError(self._damaged(f"names cell {name}, whose plan/{name}.yaml cannot be read "
+                                           f"({type(err).__name__})")) from None
+        if not isinstance(config, dict):
+            raise SweepError(self._damaged(f"names cell {name}, whose plan/{name}.yaml is empty or cut short"))
+        return config
 
     def cells(self) -> list[Cell]:
         """The planned cells with their configs."""
         manifest = self.load()
-        out = []
-        for record in manifest["cells"]:
-            config = yaml.safe_load((self.root / "plan" / f"{record['name']}.yaml").read_text())
-            out.append(Cell(config=config, **record))
-        return out
+        try:
+            return [Cell(config=self._plan_file(record["name"]), **record) for record in manifest["cells"]]
+        except (TypeError, KeyError) as err:
+            raise SweepError(self._damaged(f"has a malformed cell entry ({type(err).__name__}: {err})")) from None
 
-    def check_unchanged(self, cells: Iterable[Cell]) -> None:
-        """Refuse any started cell whose resolved config differs from the one it was started with."""
+    def check_unchanged(self, cells: Iterable[Cell]) -> list[str]:
+        """Refuse any started cell whose resolved config differs from the one it was started with; return the
+        failed cells whose config changed (a fix such as a corrected teacher path: the caller restarts them)."""
+        restart = []
         for cell in cells:
             saved = self.root / "plan" / f"{cell.name}.yaml"
-            if not saved.is_file() or not self.cell_dir(cell.name).exists():
+            if not saved.is_file() or not self.cell_dir(cell.name).exists() and self.state(cell)["state"] != "failed":
                 continue
             changes = config_changes(yaml.safe_load(saved.read_text()), cell.config)
-            if changes:
+            if changes and self.state(cell)["state"] == "failed":
+                restart.append(cell.name)
+            elif changes:
                 more = f" (and {len(changes) - 2} more)" if len(changes) > 2 else ""
                 raise SweepError(f"cell {cell.name} was started with another config ({'; '.join(changes[:2])}{more}):"
                                  f" run the changed grid with another --out, or delete {self.cell_dir(cell.name)} "
                                  "to redo that cell")
+        return restart
+
+    def set_aside(self, name: str) -> Path:
+        """Move a failed cell's folder and log to failed/<name>-<time>/ and forget its state: it starts afresh."""
+        target = self.root / "failed" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.mkdir(parents=True, exist_ok=True)
+        for path in (self.cell_dir(name), self.log_file(name)):
+            if path.exists():
+                os.replace(path, target / path.name)
+        (self.root / "state" / f"{name}.json").unlink(missing_ok=True)
+        return target
 
     def write_plan(self, grid_label: str, grid: dict[str, Any], overrides: list[str], teachers: dict[str, str],
                    cells: list[Cell]) -> None:
@@ -496,9 +573,11 @@ def run_cell(root: str | Path, name: str, runtime: list[str] | None = None) -> d
         else:
             summary = fit_or_resume(folder, cell.config, runtime)
     except BaseException as err:
+        from adakd.engine.resumable import UnreadableCheckpointError
         from adakd.engine.runs import one_line
 
-        sweep.set_state(name, "failed", error=f"{type(err).__name__}: {one_line(err)}")
+        sweep.set_state(name, "failed", error=f"{type(err).__name__}: {one_line(err)}",
+                        restart=isinstance(err, UnreadableCheckpointError))
         raise
     sweep.set_state(name, "done")
     return summary

@@ -67,7 +67,20 @@ class Entry:
         return text + (f" (n={len(values)}/{self.expected})" if len(values) < self.expected else "")
 
     def mean(self) -> float | None:
+        """The mean over the finished seeds, None when none finished."""
         return statistics.mean(self.values.values()) if self.values else None
+
+    def std(self) -> float | None:
+        """The sample standard deviation over the finished seeds, None below two."""
+        return statistics.stdev(self.values.values()) if len(self.values) > 1 else None
+
+    def status(self) -> str:
+        """done (every seed), partial (some), else the state of the unfinished cells: failed, running,
+        interrupted or pending."""
+        if self.values:
+            return "done" if len(self.values) >= self.expected else "partial"
+        unfinished = [s for s in ("failed", "running", "interrupted") if s in self.states]
+        return unfinished[0] if unfinished else "pending"
 
 
 def paired_delta(reference: Entry, other: Entry) -> Entry:
@@ -98,6 +111,11 @@ class Results:
         self.summaries = {c.name: self.sweep.result(c) for c in self.cells}
         self.states = {c.name: self.sweep.state(c)["state"] for c in self.cells}
         self.topk = topk
+        finished = [summary for summary in self.summaries.values() if summary]
+        if topk == 5 and finished and all(summary.get(self.key) is None for summary in finished):
+            # Runs of 5 classes or fewer measure no top-5 (every sample would count).
+            raise SweepError("--topk 5: the finished runs of this sweep measured no top-5 (a dataset of 5 classes or "
+                             "fewer, where every sample is in its top 5); use --topk 1")
 
     def _grid_cells(self, row: str, column: str, compared: str) -> list[Cell]:
         lay = self.layout
@@ -229,62 +247,184 @@ def _paper_rows(results: Results, values: dict[str, Any], ours_minus: bool) -> l
     return [r for r in out if any(r[1])]
 
 
+# LaTeX's special characters, escaped one character at a time so an escape is never escaped again.
+_TEX_SPECIAL = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "#": r"\#", "%": r"\%",
+                "_": r"\_", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
+                ">": r"\textgreater{}", "|": r"\textbar{}"}
+# The non-ASCII characters our tables and grid labels use, as pdflatex reads them without any package.
+_TEX_SYMBOLS = {"±": r"$\pm$", "−": r"$-$", "–": "--", "—": "---", "×": r"$\times$", "·": r"$\cdot$",
+                "≤": r"$\leq$", "≥": r"$\geq$", "→": r"$\to$", "≈": r"$\approx$", "°": r"$^\circ$", "µ": r"$\mu$",
+                "…": r"\ldots{}", "’": "'", "‘": "`", "“": "``", "”": "''"}
+# Greek letters LaTeX has a command for without amssymb (no omicron, no capitals that look Latin).
+_TEX_GREEK_SMALL = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda",
+                    "mu", "nu", "xi", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega")
+_TEX_GREEK_CAPITALS = ("Gamma", "Delta", "Theta", "Lambda", "Xi", "Pi", "Sigma", "Upsilon", "Phi", "Psi", "Omega")
+_TEX_ACCENTS = {"\u0301": "'", "\u0300": "`", "\u0302": "^", "\u0308": '"', "\u0303": "~", "\u0304": "=",
+                "\u0327": "c", "\u030c": "v", "\u0306": "u", "\u030a": "r"}
+_SUBSCRIPT_DIGITS = {chr(0x2080 + d): str(d) for d in range(10)}
+_SUPERSCRIPT_DIGITS = {"⁰": "0", "¹": "1", "²": "2", "³": "3", **{chr(0x2070 + d): str(d) for d in range(4, 10)}}
+
+
+def _tex_char(char: str) -> str:
+    """One non-ASCII character as pdflatex source: a math symbol, a Greek letter, an accented letter, else '?'."""
+    import unicodedata
+
+    if char in _TEX_SYMBOLS:
+        return _TEX_SYMBOLS[char]
+    if char in _SUBSCRIPT_DIGITS:
+        return f"$_{_SUBSCRIPT_DIGITS[char]}$"
+    if char in _SUPERSCRIPT_DIGITS:
+        return f"$^{_SUPERSCRIPT_DIGITS[char]}$"
+    name = unicodedata.name(char, "")
+    if name.startswith("GREEK SMALL LETTER "):
+        letter = name.removeprefix("GREEK SMALL LETTER ").lower().replace("lamda", "lambda")
+        if letter in _TEX_GREEK_SMALL or letter == "final sigma":
+            return f"$\\{'varsigma' if letter == 'final sigma' else letter}$"
+    if name.startswith("GREEK CAPITAL LETTER "):
+        letter = name.removeprefix("GREEK CAPITAL LETTER ").capitalize().replace("Lamda", "Lambda")
+        if letter in _TEX_GREEK_CAPITALS:
+            return f"$\\{letter}$"
+    base, *marks = unicodedata.normalize("NFD", char)
+    if base.isascii() and base.isalpha() and len(marks) == 1 and marks[0] in _TEX_ACCENTS:
+        return f"\\{_TEX_ACCENTS[marks[0]]}{{{base}}}"
+    return "?"
+
+
+def tex_escape(text: str) -> str:
+    """Text as a pdflatex table cell: specials escaped, ± Δ − – and other non-ASCII as LaTeX, a minus sign before a
+    number typeset as one (ASCII only, so it compiles without inputenc or fontenc)."""
+    import re
+
+    pieces = []
+    for char in text:
+        if char in _TEX_SPECIAL:
+            pieces.append(_TEX_SPECIAL[char])
+        elif char.isascii():
+            pieces.append(char)
+        else:
+            pieces.append(_tex_char(char))
+    # '-0.69' and '(-0.69', not 'wrn-40-2': a hyphen before a digit that does not follow a word is a minus sign.
+    return re.sub(r"(?<![\w.}$])-(?=\d)", r"$-$", "".join(pieces))
+
+
+def _tex_comment(text: str) -> str:
+    """Prose (a title, a note) as LaTeX comment lines, in ASCII so any engine and editor reads it."""
+    import unicodedata
+
+    folded = text.translate(str.maketrans({"±": "+/-", "Δ": "Delta", "−": "-", "–": "-", "—": "-"}))
+    folded = unicodedata.normalize("NFKD", folded).encode("ascii", "replace").decode("ascii")
+    return "\n".join(f"% {line}" for line in folded.splitlines())
+
+
 def _render(header: list[str], rows: list[tuple[str, list[str]]], fmt: str) -> str:
-    if fmt == "csv":
-        import csv
-        import io
-
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(header)
-        writer.writerows([[label, *texts] for label, texts in rows])
-        return buffer.getvalue().rstrip("\n")
+    """One block of a table as markdown or as a booktabs tabular."""
     if fmt == "latex":
-        def tex(text: str) -> str:
-            return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("_", r"\_").replace("–", "--")
-
         lines = [r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\toprule",
-                 " & ".join(tex(h) for h in header) + r" \\", r"\midrule"]
-        lines += [" & ".join(tex(t) for t in [label, *texts]) + r" \\" for label, texts in rows]
+                 " & ".join(tex_escape(h) for h in header) + r" \\", r"\midrule"]
+        lines += [" & ".join(tex_escape(t) for t in [label, *texts]) + r" \\" for label, texts in rows]
         return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"])
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join([label, *texts]) + " |" for label, texts in rows]
     return "\n".join(lines)
 
 
+CSV_COLUMNS = ("row", "column", "compare", "status", "n", "n_expected", "mean", "std", "delta_mean", "delta_std",
+               "delta_n", "published", "ours_minus_published")
+
+
+def _csv_records(results: Results, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per (row, column, compared value) that has cells, teacher and student first, numbers unrounded."""
+    lay = results.layout
+    reference_label = lay.compare_labels[0]
+
+    def record(row: str, column: str, compared: str, entry: Entry, reference: Entry | None,
+               published: float | None) -> dict[str, Any]:
+        delta = paired_delta(reference, entry) if reference is not None and reference.expected else None
+        mean = entry.mean()
+        return {"row": row, "column": column, "compare": compared, "status": entry.status(),
+                "n": len(entry.values), "n_expected": entry.expected, "mean": mean, "std": entry.std(),
+                "delta_mean": delta.mean() if delta else None, "delta_std": delta.std() if delta else None,
+                "delta_n": len(delta.values) if delta else None, "published": published,
+                "ours_minus_published": mean - published if mean is not None and published is not None else None}
+
+    records = []
+    for role in ("teacher", "student"):
+        for column in lay.column_labels:
+            entry = results.baseline(role, column)
+            if entry.expected:
+                records.append(record(role, column, "", entry, None, _paper_value(values, role, column, None)))
+    for row in lay.row_labels:
+        for column in lay.column_labels:
+            reference = results.entry(row, column, reference_label)
+            for compared in lay.compare_labels:
+                entry = results.entry(row, column, compared)
+                if not entry.expected:
+                    continue  # excluded from the grid: no cell, no record
+                published = _paper_value(values, row, column, compared if lay.compare else None)
+                records.append(record(row, column, compared, entry,
+                                      reference if compared != reference_label else None, published))
+    return records
+
+
+def _render_csv(records: list[dict[str, Any]]) -> str:
+    """The records under CSV_COLUMNS; floats at full precision (repr), a missing number as an empty field."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: "" if value is None else value for key, value in r.items()} for r in records)
+    return buffer.getvalue().rstrip("\n")
+
+
 FORMATS = ("md", "csv", "latex")
 
 
 def format_table(root: str | Path, metric: str = "last", fmt: str = "md", topk: int = 1) -> str:
-    """The sweep as the paper lays it out, then the published numbers and ours − published (shipped grids)."""
+    """The sweep as the paper lays it out, then the published numbers and ours − published (shipped grids).
+
+    md: the title line, then markdown tables (ours; for a grid with a `paper:` block also published and ours −
+    published; then the failed cells). latex: the same blocks, each title a `%` comment and each table a booktabs
+    `tabular` (needs `\\usepackage{booktabs}`) in ASCII, ± as `$\\pm$`, specials escaped. csv: one tidy row per
+    (row, column, compare) value of the layout's axes (teacher and student rows first; an axis the table does not use
+    is empty), columns CSV_COLUMNS: status (done, partial, failed, running, interrupted, pending), n of n_expected
+    seeds, mean and std over the finished seeds, delta_mean/delta_std/delta_n of the difference to the compare axis's
+    first value paired by seed (empty for that value), published and ours_minus_published where the grid's `paper:`
+    block has a number; numbers at full precision, empty where there is none (std needs two seeds)."""
     if fmt not in FORMATS:
         raise SweepError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     results = Results(Sweep(root), metric, topk)
     lay = results.layout
+    paper = results.manifest["source"].get("paper") or {}
+    values = paper.get("values" if topk == 1 else "values_acc5") or {}
+    if fmt == "csv":
+        return _render_csv(_csv_records(results, values))
+    # In LaTeX the prose lines become comments: the tabulars then compile as written, titles kept for the reader.
+    prose = _tex_comment if fmt == "latex" else str
     header = [lay.rows or "run", *[lay.name(c) or f"top-{topk} {metric}" for c in lay.column_labels]]
     seeds = sorted({c.seed for c in results.cells if c.role == "cell"})
     done = sum(1 for c in results.cells if results.states[c.name] == "done")
     compare = (f"; cells '{' / '.join(lay.name(c) for c in lay.compare_labels)}', Δ = each − "
                f"{lay.name(lay.compare_labels[0])} paired by seed" if lay.compare else "")
-    blocks = [f"sweep {results.manifest['grid']} ({root}): {done}/{len(results.cells)} cells done; top-{topk} % at the "
-              f"{metric} epoch, mean ± std over {len(seeds)} seed(s){compare}",
-              _render(header, _grid_rows(results), fmt)]
-    paper = results.manifest["source"].get("paper") or {}
-    values = paper.get("values" if topk == 1 else "values_acc5") or {}
+    title = (f"sweep {results.manifest['grid']} ({root}): {done}/{len(results.cells)} cells done; top-{topk} % at the "
+             f"{metric} epoch, mean ± std over {len(seeds)} seed(s){compare}")
+    if fmt == "latex":
+        title += "\n(the tabulars need \\usepackage{booktabs})"
+    blocks = [prose(title), _render(header, _grid_rows(results), fmt)]
     if values:
         label = f"published: {paper.get('source', 'the paper')}; metric {paper.get('metric', 'not stated')}, " \
                 f"{paper.get('runs', 'runs not stated')}" + (f"; {paper['note']}" if paper.get("note") else "")
         if paper.get("metric") not in (None, metric):
             label += f" (ours above: {metric} epoch)"
-        blocks += [label, _render(header, _paper_rows(results, values, False), fmt),
-                   f"ours − published (our mean at the {metric} epoch)",
+        blocks += [prose(label), _render(header, _paper_rows(results, values, False), fmt),
+                   prose(f"ours − published (our mean at the {metric} epoch)"),
                    _render(header, _paper_rows(results, values, True), fmt)]
     failed = [c.name for c in results.cells if results.states[c.name] == "failed"]
     if failed:
-        blocks.append(f"failed cells ({len(failed)}): " + ", ".join(failed[:5]) + (" ..." if len(failed) > 5 else "")
-                      + f"; logs under {Path(root) / 'logs'}")
-    separator = "\n" if fmt == "csv" else "\n\n"
-    return separator.join(blocks if fmt != "csv" else blocks[1:2])
+        blocks.append(prose(f"failed cells ({len(failed)}): " + ", ".join(failed[:5])
+                            + (" ..." if len(failed) > 5 else "") + f"; logs under {Path(root) / 'logs'}"))
+    return "\n\n".join(blocks)
 
 
 def plot_sweep(root: str | Path, out: str | Path | None = None, metric: str = "last") -> list[Path]:

@@ -21,10 +21,11 @@ from adakd.distillers.base import DistillContext
 from adakd.engine import distributed
 from adakd.engine.checkpoint import FORMAT, load_run_checkpoint, rng_state, save_atomic, set_rng_state
 from adakd.engine.config import ConfigError, RunConfig, to_dict
-from adakd.engine.loop import evaluate, train_one_epoch
+from adakd.engine.loop import evaluate, top5_text, train_one_epoch
 from adakd.engine.pretrain import freeze_pretrain_parts, pretrain
 from adakd.engine.optim import MultiStepSchedule, base_lr, build_optimizers, lr_at
-from adakd.engine.runs import RunDir
+from adakd.engine.resumable import clear_unfinished
+from adakd.engine.runs import DiskFullError, RunDir, RunDirError, disk_full
 from adakd.data.split import endless, stratified_split, subset
 from adakd.models.external import split_source
 from adakd.models.layers import with_input_channels
@@ -42,6 +43,105 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
+
+
+# torch's own thread count when adakd was imported (one per physical core, or what the caller set before): `threads`
+# left to auto never goes above it, so a script or test that chose its threads keeps them.
+TORCH_THREADS = torch.get_num_threads()
+
+
+def usable_cores() -> list[int]:
+    """The CPUs this process may run on (its affinity), cut to its cgroup CPU quota (a container's --cpus)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = list(range(os.cpu_count() or 1))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = cpus[:max(1, math.ceil(int(quota) / int(period)))]
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def idle_cores(cpus: list[int], window_s: float = 0.2) -> float | None:
+    """How many of `cpus` other processes leave idle, measured over `window_s` from /proc/stat (None elsewhere)."""
+
+    def times() -> dict[str, list[int]]:
+        rows = Path("/proc/stat").read_text().splitlines()
+        return {r.split()[0]: [int(v) for v in r.split()[1:]] for r in rows if r.startswith("cpu") and r[3:4] != " "}
+
+    try:
+        before = times()
+        time.sleep(window_s)  # this process sleeps meanwhile: only the others' load is counted
+        after = times()
+    except (OSError, ValueError):
+        return None
+    idle = 0.0
+    for cpu in cpus:
+        old, new = before.get(f"cpu{cpu}"), after.get(f"cpu{cpu}")
+        if old is None or new is None:
+            continue
+        total = sum(new[:8]) - sum(old[:8])  # user nice system idle iowait irq softirq steal
+        idle += (new[3] + new[4] - old[3] - old[4]) / total if total > 0 else 1.0
+    return idle
+
+
+def auto_threads() -> tuple[int, str]:
+    """`threads` when the config leaves it null: the cores not busy at start, shared among the processes of a DDP
+    run on this node, at least 1 and at most torch's default (TORCH_THREADS); with how it was chosen, for the log."""
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    ceiling = max(1, TORCH_THREADS // processes)
+    if ceiling == 1:
+        return 1, "auto: torch was set to 1 thread"
+    cpus = usable_cores()
+    idle = idle_cores(cpus)
+    free = len(cpus) if idle is None else min(len(cpus), math.floor(idle + 0.2))
+    threads = max(1, min(ceiling, free // processes))
+    per = f" shared by {processes} processes" if processes > 1 else ""
+    return threads, f"auto: {free} of {len(cpus)} cores idle at start{per}"
+
+
+# Bytes a training step keeps for its backward pass per byte of its float input batch, a floor for every network:
+# measured with saved-tensor hooks at 32-224 px, resnet8 keeps 53-66x, resnet20 139-172x, resnet18 111x,
+# mobilenetv1 90x, wrn_16_2 189x; 32x keeps the estimate below what any zoo model needs.
+ACTIVATION_BYTES_PER_INPUT_BYTE = 32
+
+
+def device_memory(device: torch.device) -> tuple[int | None, str]:
+    """(bytes, what) of the memory a training batch lives in: the GPU's, else this machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"GPU memory on {device}"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory on this machine"
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None, "memory"
+
+
+def check_image_size(config: RunConfig, device: torch.device, world_size: int) -> None:
+    """Refuse a data.image_size whose training batch cannot fit, before any image is resized to it.
+
+    The estimate is a floor (the batch's float input times ACTIVATION_BYTES_PER_INPUT_BYTE): a size it refuses
+    would fail anyway, after minutes of resizing or with an allocation of tens of GB.
+    """
+    size = config.data.image_size
+    if size is None:
+        return
+    info = datasets.dataset_info(config.data.name)  # without image_size: digits would resize to measure it
+    channels = config.model.in_chans or info.get("channels") or 3
+    batch = max(1, config.data.batch_size // world_size)
+    input_bytes = batch * channels * size * size * 4
+    need = input_bytes * ACTIVATION_BYTES_PER_INPUT_BYTE
+    have, where = device_memory(device)
+    if have is None or need <= have:
+        return
+    native = f" (the dataset's own size is {info['image_size']})" if info.get("image_size") else ""
+    raise ConfigError(
+        f"data.image_size={size}: a training batch of {batch} images of {channels} x {size} x {size} needs at least "
+        f"{need / 2**30:.0f} GiB ({input_bytes / 2**30:.1f} GiB of input, about {ACTIVATION_BYTES_PER_INPUT_BYTE}x "
+        f"that kept for the backward pass), more than the {have / 2**30:.0f} GiB of {where}; lower data.image_size"
+        f"{native} or data.batch_size")
 
 
 def default_run_name(config: RunConfig) -> str:
@@ -67,6 +167,12 @@ def load_data(config: RunConfig, split: str):
         if "in_memory" not in str(err):
             raise
         raise ConfigError(f"data.in_memory applies to folder datasets, not {config.data.name}; remove it") from None
+    except (MemoryError, RuntimeError) as err:  # torch's allocator refuses a set resized beyond the machine's memory
+        if config.data.image_size is None or not isinstance(err, MemoryError) and "alloc" not in str(err):
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"data.image_size={config.data.image_size}: the {split} split of {config.data.name} at "
+                          f"that size does not fit in memory ({reason[:160]}); lower data.image_size") from None
     size = config.data.train_size
     if split == "train" and size is not None:
         if not isinstance(dataset, datasets.ArrayDataset):
@@ -124,8 +230,10 @@ def build_model(spec, num_classes: int, role: str, needs_weights: bool = True, i
     return model
 
 
-def build_distiller(config: RunConfig, student, teacher, input_shape, train_targets: torch.Tensor):
-    """The distiller for `distill.method`, built from feature shapes measured on both networks."""
+def build_distiller(config: RunConfig, student, teacher, input_shape, train_targets: torch.Tensor,
+                    on_pairing: Callable[[str], None] | None = None):
+    """The distiller for `distill.method`, built from feature shapes measured on both networks; `on_pairing` gets
+    the line saying how stages were paired when the two networks have different numbers of stages."""
     # distill.temperature belongs to the optional KL term; a method's own temperature (KD's T, CRD's NCE
     # temperature) is one of its args.
     args = dict(config.distill.for_method().args)
@@ -133,7 +241,7 @@ def build_distiller(config: RunConfig, student, teacher, input_shape, train_targ
                              train_targets=train_targets)
     try:
         return distillers.create(config.distill.method, student, teacher, input_shape, config.distill.spots,
-                                 context, **args)
+                                 context, on_pairing=on_pairing, **args)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{config.distill.method} cannot distill {config.teacher.name} -> {config.model.name}: "
                           f"{err}") from None
@@ -223,11 +331,13 @@ class Trainer:
         run_path = Path(run_dir) if run_dir else Path(config.out_dir) / (config.name or default_run_name(config))
         if checkpoint is None:
             RunDir(run_path).check_new()  # fail before minutes of data loading, not after
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
+        self.threads, self.threads_source = ((config.threads, "threads") if config.threads is not None
+                                             else auto_threads())
+        torch.set_num_threads(self.threads)
         self.dist = distributed.setup(config.device)
         seed_everything(config.seed, config.deterministic)
         device = self.dist.device
+        check_image_size(config, device, self.dist.world_size)
         self.train_set, self.test_set = load_data(config, "train"), load_data(config, "test")
         strategy_cls = strategies.get(config.strategy.name)
         full_targets = self.train_set.targets
@@ -249,6 +359,7 @@ class Trainer:
         scratch = False
         student_spots: list[int] = []
         teacher_spots: list[int] = []
+        self.setup_notes: list[str] = []  # said once when the run starts (the run folder does not exist yet)
         if config.task == "distill":
             # SAKD's scratch-teacher ablation redraws the teacher's weights, so it needs no file.
             scratch = config.strategy.args.get("teacher_init") == "scratch"
@@ -257,7 +368,7 @@ class Trainer:
             teacher.to(device, memory_format=memory_format)
             # The full training set's targets: a held-out split keeps dataset indices, so CRD's rows cover both parts.
             distiller, student_spots, teacher_spots = build_distiller(
-                config, student, teacher, self.input_shape, full_targets)
+                config, student, teacher, self.input_shape, full_targets, on_pairing=self.setup_notes.append)
             distiller.to(device)
             freeze_pretrain_parts(distiller)
         self.student = student
@@ -276,6 +387,10 @@ class Trainer:
             strategy_args.setdefault("input_size", self.input_shape[-1])
             if "input_channels" in option_fields:
                 strategy_args.setdefault("input_channels", self.input_shape[0])
+        if "run_steps" in option_fields:  # a strategy sized to the run (ABL's search_scale=auto): the steps of
+            # optim.epochs over the whole training set, before any held-out split
+            strategy_args.setdefault("run_steps", config.optim.epochs
+                                     * math.ceil(len(full_targets) / config.data.batch_size))
         try:
             self.strategy = strategy_cls(wrapped, teacher, distiller, weights, student_spots, teacher_spots,
                                          **strategy_args)
@@ -307,14 +422,22 @@ class Trainer:
         self.strategy.attach(self.optimizers, self.precision, total_steps=self.epochs * len(self.train_loader))
         self.run = RunDir(run_path, enabled=self.dist.is_main, tensorboard=config.log.tensorboard)
         self.epoch, self.step, self.best = 0, 0, {"acc1": -1.0, "epoch": 0}
+        # The values auto settings resolved to on this machine (config.yaml keeps null, so a resume re-resolves).
+        self.runtime = {"threads": self.threads, "data.num_workers": self.train_loader.num_workers}
         if checkpoint is None:
-            self.run.create(config)
-            if self.split is not None:
-                self.run.write_json("split", self.split)
+            self.run.create(config, runtime=self.runtime)
         else:
             self._restore(checkpoint)
-            if to_dict(config) != checkpoint["config"]:  # resumed with overrides, e.g. optim.epochs=300
+        self.saved_epoch = self.epoch  # the epoch last.pth holds (0: none yet)
+        try:
+            if checkpoint is None and self.split is not None:
+                self.run.write_json("split", self.split)
+            if checkpoint is not None and to_dict(config) != checkpoint["config"]:  # resumed with overrides
                 self.run.update_config(config)
+        except (OSError, RuntimeError) as err:
+            if disk_full(err) is None:
+                raise
+            raise self._disk_full() from None
         if self.split is not None:
             # The held-out stream continues where the checkpoint left it: its position is the batches consumed.
             val_loader = datasets.make_loader(
@@ -435,7 +558,7 @@ class Trainer:
         chance = 100.0 / self.train_set.num_classes
         result["chance"] = chance
         self.say(f"teacher {self.config.teacher.name} on the {self.config.data.name} test split: top-1 "
-                 f"{result['acc1']:.2f}%  top-5 {result['acc5']:.2f}%  (chance {chance:.2f}%)")
+                 f"{result['acc1']:.2f}%{top5_text(result.get('acc5'))}  (chance {chance:.2f}%)")
         if self.teacher_is_trained and result["acc1"] < 2 * chance:
             self.say(f"the teacher scores {result['acc1']:.2f}% top-1, near chance ({chance:.2f}%): it will teach "
                      "little. Check teacher.weights and teacher.name, and that data.name and data.image_size are "
@@ -447,18 +570,26 @@ class Trainer:
         """Train until optim.epochs; checkpoint every epoch; return the last/best summary."""
         cfg = self.config
         progress = cfg.log.progress and self.dist.is_main
+        self._fastest: tuple[int, float] | None = None  # (epoch, images/s) of the fastest epoch of this call
+        self._warned_slow = False
         try:
             if self.epoch == 0:
                 self.say(f"run {self.run.path}: {cfg.task} {cfg.model.name}"
                          + (f" under {cfg.teacher.name} ({cfg.distill.method}, {cfg.strategy.name})"
                             if cfg.task == "distill" else "") + f" on {cfg.data.name}, seed {cfg.seed}")
+                for text in self.setup_notes:  # decisions taken while building the run, e.g. stages paired by size
+                    self.say(text)
                 if self.teacher is not None:
                     self.evaluate_teacher()
             else:
                 self.say(f"run {self.run.path}: resumed after epoch {self.epoch}")
             self.say(self.schedule_text())
+            for text, warning in self.strategy.start_notices():  # e.g. how ABL's search was sized
+                self.say(text, warning=warning)
             if self.epoch == 0 and self.distiller is not None and self.distiller.pretrain_epochs > 0:
                 self._pretrain(progress)
+            self.run.log_line(f"threads {self.threads} ({self.threads_source}), data.num_workers "
+                              f"{self.runtime['data.num_workers']}")
             started, first_epoch = time.perf_counter(), self.epoch
             while self.epoch < self.epochs and not self.strategy.should_stop():
                 epoch_start = time.perf_counter()
@@ -481,7 +612,7 @@ class Trainer:
                 self.epoch = epoch
                 row["time/epoch_s"] = time.perf_counter() - epoch_start
                 if scored and test["acc1"] > self.best["acc1"]:
-                    self.best = {"acc1": test["acc1"], "acc5": test["acc5"], "epoch": epoch}
+                    self.best = {"acc1": test["acc1"], "acc5": test.get("acc5"), "epoch": epoch}
                 self.run.log_epoch(row)
                 for name, rows in self.strategy.drain_records().items():
                     self.run.add_records(name, rows)
@@ -494,12 +625,15 @@ class Trainer:
                     if self.best["epoch"] == epoch:
                         save_atomic(state, self.run.best_checkpoint)
                     save_atomic(state, self.run.last_checkpoint)
+                    self.saved_epoch = epoch
                     per_epoch = (time.perf_counter() - started) / (epoch - first_epoch)
                     eta = datetime.timedelta(seconds=round(per_epoch * (self.epochs - epoch)))
-                    scores = f"test top-1 {test['acc1']:.2f}%  top-5 {test['acc5']:.2f}%" if scored else "not scored"
+                    scores = (f"test top-1 {test['acc1']:.2f}%{top5_text(test.get('acc5'))}" if scored
+                              else "not scored")
                     self.say(f"epoch {epoch}/{self.epochs}  loss {row['train/loss']:.4f}  "
                              f"train {row['train/acc1']:.2f}%  {scores}  ({row['train/images_per_s']:.0f} img/s, "
                              f"{row['time/epoch_s']:.1f} s/epoch, run ETA {eta})")
+                self._watch_throughput(epoch, row)
                 distributed.barrier()
             summary = self.summary()
             self.run.write_summary(summary)
@@ -507,8 +641,43 @@ class Trainer:
                 self.say(f"done: last epoch ({summary['epochs']}) top-1 {summary['last_acc1']:.2f}%, best epoch "
                          f"({summary['best_epoch']}) top-1 {summary['best_acc1']:.2f}%")
             return summary
+        except (OSError, RuntimeError) as err:
+            if disk_full(err) is None:
+                raise
+            raise self._disk_full() from None
         finally:
             self.run.close()
+
+    def _disk_full(self) -> DiskFullError:
+        """The one-line error of a full disk, naming what is kept; a run with no checkpoint yet is removed, so the
+        same command can start it again once there is space."""
+        problem = f"no space left on device while writing run {str(self.run.path)!r}"
+        command = f"adakd {self.config.task} --resume {self.run.path}"
+        if self.saved_epoch:
+            return DiskFullError(problem, f"last.pth of epoch {self.saved_epoch} is kept", command)
+        if self.run.enabled and self.run.path.is_dir():
+            try:
+                clear_unfinished(self.run.path)
+            except (OSError, RunDirError):
+                return DiskFullError(problem, f"nothing was checkpointed yet; delete {str(self.run.path)!r}", None)
+        return DiskFullError(problem, "nothing was checkpointed yet, so the run folder was removed", None)
+
+    def _watch_throughput(self, epoch: int, row: dict[str, Any]) -> None:
+        """Warn once when an epoch of a second or more trains over 3x slower than the fastest so far: on CPU, other
+        processes are then usually competing for this run's threads, which slows every thread of it down."""
+        speed = row.get("train/images_per_s")
+        if not speed or self.dist.device.type != "cpu" or self.threads == 1:  # one thread: none to give up
+            return
+        best = self._fastest
+        if best is None or speed > best[1]:
+            self._fastest = (epoch, speed)
+        elif speed * 3 < best[1] and row["time/epoch_s"] >= 1.0 and not self._warned_slow:  # short epochs: noise
+            self._warned_slow = True
+            fewer = max(1, self.threads // 2)
+            self.say(f"epoch {epoch} trained at {speed:.0f} img/s, {best[1] / speed:.1f}x slower than epoch {best[0]} "
+                     f"({best[1]:.0f} img/s): other processes are probably using the cores of this run's "
+                     f"threads={self.threads}. Stop it (Ctrl-C) and continue with fewer, e.g. `adakd "
+                     f"{self.config.task} --resume {self.run.path} threads={fewer}`, or free the cores", warning=True)
 
     def _pretrain(self, progress: bool) -> None:
         """The distiller's own pre-training stage, on a loader with its own seed stream."""

@@ -53,40 +53,179 @@ class ABLOptions:
     p1: tuple | None = None
     random_resample: bool = False  # abl-random: draw p1 ~ U(0, 1) again every iteration
     eval_heads: bool = True  # test accuracy of every auxiliary head per epoch (Fig. 4c, Fig. 6)
-    # Stage 1 (abl-search).
-    warm_steps: int = 40_000
-    meta_steps: int = 10_000
+    # Stage 1 (abl-search). The counts and meta_lr left at None are set from search_scale (see below); the paper's
+    # values are PAPER_SEARCH.
+    warm_steps: int | None = None
+    meta_steps: int | None = None
     meta_every: int = 1
     hypergrad: str = "exact"
     val_objective: str = "kd_total"
     val_bn: str = "train"  # "train": batch statistics, buffers restored afterwards; "eval": running statistics
     val_fraction: float = 0.5
-    meta_lr: float = 3e-4
+    meta_lr: float | None = None
     meta_betas: tuple = (0.5, 0.999)
     meta_weight_decay: float = 1e-3
     meta_grad_clip: float | None = None
     fd_xi: float = 0.01  # fd_blockwise: xi = fd_xi / ||v|| (the paper's footnote)
     early_stop_delta: float = 0.01
-    early_stop_window: int = 2000
-    log_every: int = 100
-    # Stage 1's length relative to the paper's (warm 40k + 10k meta steps on CIFAR, 240 epochs of 782 steps).
-    # A shorter recipe sets search_scale = its final run's steps / 187,680: warm_steps, meta_steps,
-    # early_stop_window and log_every are multiplied by it and meta_lr divided by it, so that meta_lr * meta_steps,
-    # the distance Adam can move gamma, stays as in the paper (at meta_lr 3e-4 and a few dozen meta steps p1 moves
-    # by only about 0.02), and abl_gamma.csv (which the early-stopping check reads) keeps the paper's density of
-    # rows per search.
-    search_scale: float = 1.0
+    early_stop_window: int | None = None
+    log_every: int | None = None
+    # Stage 1's length relative to its run. The paper searches 40k warm-start steps + 10k gamma updates for a
+    # 187,680-step final run (CIFAR-100: 240 epochs of 782 batches); `auto` keeps that proportion for any run, a
+    # number S multiplies the paper's counts by S and divides meta_lr by S as given (see resolve_search).
+    search_scale: float | str = "auto"
+    # The final run's length in optimiser steps (optim.epochs x batches of the whole training set): filled in by
+    # the engine, read by search_scale=auto. None (options built without a run) means the paper's length.
+    run_steps: int | None = None
+    # What resolve_search decided (scale, counts, floor, cap): set once, so a copy (dataclasses.replace) keeps the
+    # resolved fields as they are instead of scaling them again.
+    search_plan: dict | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        scale = self.search_scale
-        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
-            raise ValueError(f"search_scale must be > 0, got {scale!r}")
+        if self.search_plan is not None:
+            return
+        plan = resolve_search(self)
+        for name in SEARCH_FIELDS:
+            object.__setattr__(self, name, plan[name])
+        object.__setattr__(self, "search_plan", plan)
+
+
+# The paper's search ([A] "Warm start"; spec §12 rows 8 and 13): 40k warm-start steps, 10k gamma updates at Adam's
+# 3e-4 (DARTS' value), early stop over 2k updates, a gamma row every 100; for a final run of 240 x 782 steps.
+PAPER_SEARCH = {"warm_steps": 40_000, "meta_steps": 10_000, "meta_lr": 3e-4, "early_stop_window": 2_000,
+                "log_every": 100}
+PAPER_RUN_STEPS = 240 * 782  # 187,680
+SEARCH_FIELDS = tuple(PAPER_SEARCH)
+# How far Adam can move each gamma entry over the search: about meta_lr per update (its steps are normalised), so
+# meta_lr x meta_steps = 3 in the paper, i.e. gamma1 - gamma2 can travel 6 and p1 = sigmoid of it can reach 0.0025
+# or 0.9975. search_scale keeps this product.
+PAPER_META_TRAVEL = 3.0  # 3e-4 x 10,000, written out: the float product is 2.9999999999999996
+# Fewest gamma updates a search should make. Each update reads one held-out batch; below a few dozen the searched p
+# reflects a handful of noisy hypergradients (and early stopping, over a fifth of the updates, compares two or three
+# rows), not a trend. 50 keeps gamma's travel at the paper's 3 with meta_lr at most META_LR_CAP.
+META_STEPS_FLOOR = 50
+# Largest meta_lr: the paper's travel spread over the floor's updates (= 200 x the paper's 3e-4). One update then
+# moves p1 by at most about 0.03 (sigmoid's slope 1/4 x 2 x 0.06), and p1 needs some 40 updates of one sign to pass
+# 0.99; at the 3.75 that search_scale = 0.00008 gave, a single update took p1 to 0.999.
+META_LR_CAP = PAPER_META_TRAVEL / META_STEPS_FLOOR  # 0.06
+
+
+def _count(name: str, value: Any) -> int | None:
+    """A step count option: None or a whole number >= 0 (ValueError otherwise)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+
+
+def auto_search_scale(run_steps: int | None) -> float:
+    """search_scale=auto: the final run's steps / the paper's 187,680, at most 1 (None: the paper's length, 1).
+
+    A run as long as the paper's or longer (ImageNet: 500,500 steps) keeps the paper's absolute counts: the
+    specification gives them for the method, and scaling them up would only lengthen the search.
+    """
+    if run_steps is None:
+        return 1.0
+    return min(1.0, run_steps / PAPER_RUN_STEPS)
+
+
+def resolve_search(opts: "ABLOptions") -> dict[str, Any]:
+    """Stage 1's counts and meta_lr from search_scale, plus what decided them (recorded in gamma.json).
+
+    `auto`: S = auto_search_scale(run_steps); every value not given is the paper's x S (meta_lr: / S), except
+    that meta_steps is at least META_STEPS_FLOOR, and when the floor lifts it, meta_lr, the early-stop window and
+    the gamma rows follow the floor's updates instead (the paper's travel meta_lr x meta_steps, a fifth of the
+    updates, a row per hundredth), so meta_lr stays at or below META_LR_CAP. Given values are kept as they are.
+    A number S (the rule before `auto`): the paper's or the given counts x S, meta_lr / S, nothing floored or capped
+    (search_warning names a degenerate result). S = 1 is the paper's search whatever the run's length.
+    """
+    scale = opts.search_scale
+    numeric = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if not (scale == "auto" or (numeric and scale > 0)):
+        raise ValueError(f"search_scale must be > 0 or auto, got {scale!r}")
+    run_steps = opts.run_steps
+    if run_steps is not None and not (isinstance(run_steps, int) and not isinstance(run_steps, bool)
+                                      and run_steps >= 1):
+        raise ValueError(f"run_steps must be a whole number >= 1, got {run_steps!r}")
+    given = {name: _count(name, getattr(opts, name)) for name in SEARCH_FIELDS if name != "meta_lr"}
+    given["meta_lr"] = opts.meta_lr
+    if given["meta_lr"] is not None and not (isinstance(given["meta_lr"], (int, float))
+                                             and not isinstance(given["meta_lr"], bool)):
+        raise ValueError(f"meta_lr must be a number > 0, got {given['meta_lr']!r}")
+    plan: dict[str, Any] = {"search_scale": scale, "run_steps": run_steps, "paper_run_steps": PAPER_RUN_STEPS,
+                            "meta_steps_floor": META_STEPS_FLOOR, "meta_lr_cap": META_LR_CAP,
+                            "given": {k: v for k, v in given.items() if v is not None}}
+    if numeric:
+        values = {name: PAPER_SEARCH[name] if given[name] is None else given[name] for name in SEARCH_FIELDS}
         if scale != 1.0:
             for name in ("warm_steps", "meta_steps", "early_stop_window", "log_every"):
-                object.__setattr__(self, name, max(1, round(getattr(self, name) * scale)))
-            object.__setattr__(self, "meta_lr", self.meta_lr / scale)
-            # Applied once: the fields now hold the scaled values, and a copy (dataclasses.replace) keeps them.
-            object.__setattr__(self, "search_scale", 1.0)
+                values[name] = max(1, round(values[name] * scale))
+            values["meta_lr"] = values["meta_lr"] / scale
+        return {**plan, "scale": float(scale), **values}
+    s = auto_search_scale(run_steps)
+    warm = given["warm_steps"] if given["warm_steps"] is not None else max(1, round(PAPER_SEARCH["warm_steps"] * s))
+    meta = given["meta_steps"]
+    # The paper's updates this search stands for: S x 10k, or the floor's 50 when it lifts them. meta_lr, the
+    # early-stop window and the gamma rows follow it; a given meta_steps is taken as it is and they follow S.
+    updates = PAPER_SEARCH["meta_steps"] * s
+    if meta is None:
+        meta = max(META_STEPS_FLOOR, round(updates))
+        updates = meta
+    share = updates / PAPER_SEARCH["meta_steps"]  # 1.0 exactly for the paper's 10k: its values come out unchanged
+    meta_lr = given["meta_lr"]
+    if meta_lr is None:
+        meta_lr = PAPER_SEARCH["meta_lr"] if share == 1.0 else min(META_LR_CAP, PAPER_META_TRAVEL / updates)
+    window = given["early_stop_window"]
+    if window is None:
+        window = round(PAPER_SEARCH["early_stop_window"] * share)
+    log_every = given["log_every"] if given["log_every"] is not None else max(1, round(PAPER_SEARCH["log_every"]
+                                                                                       * share))
+    return {**plan, "scale": s, "warm_steps": warm, "meta_steps": meta, "meta_lr": meta_lr,
+            "early_stop_window": window, "log_every": log_every}
+
+
+def search_warning(opts: "ABLOptions") -> str | None:
+    """One line when the search makes fewer gamma updates than the floor or steps gamma faster than the cap."""
+    if opts.meta_steps >= META_STEPS_FLOOR and opts.meta_lr <= META_LR_CAP * (1 + 1e-9):  # 3e-4 / 0.005 rounds up
+        return None
+    plan = opts.search_plan or {}
+    scale = plan.get("search_scale", "auto")
+    forced = [f"search_scale={scale:g}"] if scale not in ("auto", 1) else []
+    forced += [f"{name}={plan['given'][name]:g}" for name in ("meta_steps", "meta_lr")
+               if plan.get("given", {}).get(name) is not None]
+    return (f"ABL search: with {', '.join(forced) or 'these options'} it makes {opts.meta_steps} gamma update(s) "
+            f"(floor {META_STEPS_FLOOR}) at meta_lr {opts.meta_lr:.3g} (cap {META_LR_CAP:.3g}): too few updates, or each "
+            "too large (p1 can saturate in one), for the searched p to mean much. Leave strategy.args.search_scale "
+            f"at auto (the default, which keeps >= {META_STEPS_FLOOR} updates and meta_lr <= {META_LR_CAP:.3g}) "
+            f"and unset meta_steps and meta_lr, or give meta_steps >= {META_STEPS_FLOOR} and meta_lr <= "
+            f"{META_LR_CAP:.3g}")
+
+
+def search_record(opts: "ABLOptions") -> dict[str, Any]:
+    """What stage 1 ran with, for gamma.json: search_scale as given, the scale S it resolved to, and the counts."""
+    plan = opts.search_plan or {}
+    return {"search_scale": plan.get("search_scale", opts.search_scale), "scale": plan.get("scale"),
+            "run_steps": plan.get("run_steps"), "paper_run_steps": PAPER_RUN_STEPS,
+            "warm_steps": opts.warm_steps, "meta_steps": opts.meta_steps, "meta_every": opts.meta_every,
+            "meta_lr": opts.meta_lr, "early_stop_window": opts.early_stop_window, "log_every": opts.log_every,
+            "meta_steps_floor": META_STEPS_FLOOR, "meta_lr_cap": META_LR_CAP}
+
+
+def describe_search(opts: "ABLOptions") -> str:
+    """One line saying how stage 1 was sized: the scale, where it came from, the counts and meta_lr."""
+    plan = opts.search_plan or {}
+    scale, run_steps = plan.get("search_scale", opts.search_scale), plan.get("run_steps")
+    if scale != "auto":
+        source = f"search_scale={scale:g} (given)"
+    elif run_steps is None:
+        source = "search_scale=auto, S = 1 (the run's length unknown: the paper's search)"
+    else:
+        source = (f"search_scale=auto, S = {plan['scale']:.3g} (a final run of {run_steps:,} steps, the paper's "
+                  f"{PAPER_RUN_STEPS:,}{'; longer runs keep its counts' if run_steps > PAPER_RUN_STEPS else ''})")
+    floor = " (the floor)" if scale == "auto" and opts.meta_steps == META_STEPS_FLOOR else ""
+    cap = " (the cap)" if scale == "auto" and opts.meta_lr == META_LR_CAP else ""
+    return (f"ABL search: {source}: {opts.warm_steps:,} warm-start steps, then up to {opts.meta_steps:,} gamma "
+            f"updates{floor} at meta_lr {opts.meta_lr:.3g}{cap}, stopping early once p1 moves less than "
+            f"{opts.early_stop_delta:g} over {opts.early_stop_window:,} update(s); {steps_budget(opts):,} steps at most")
 
 
 def check_options(opts: ABLOptions) -> None:
@@ -294,7 +433,7 @@ class ABLBase(Strategy):
     def __init__(self, student: nn.Module, teacher: StagedModel | None, distiller, weights: LossWeights,
                  student_spots: list[int] | None = None, teacher_spots: list[int] | None = None,
                  **options: Any) -> None:
-        known = {f.name for f in dataclasses.fields(ABLOptions)}
+        known = {f.name for f in dataclasses.fields(ABLOptions)} - {"search_plan"}  # resolved, never given
         chosen = {**self.preset, **{k: options.pop(k) for k in list(options) if k in known}}
         super().__init__(student, teacher, distiller, weights, student_spots, teacher_spots, **options)
         for key in ("gamma", "p1", "meta_betas"):
@@ -795,6 +934,15 @@ class ABLSearch(ABLBase):
         self.records: list[dict[str, Any]] = []
         self.last_hyper: Tensor | None = None
         self.last_diff: Tensor | None = None
+        # Lines the engine prints when the run starts: how the search was sized, and a warning if it is degenerate.
+        self._notices: list[tuple[str, bool]] = [(describe_search(opts), False)]
+        warning = search_warning(opts)
+        if warning:
+            self._notices.append((warning, True))
+
+    def start_notices(self) -> list[tuple[str, bool]]:
+        """How the search was sized, and a warning when it is degenerate."""
+        return list(self._notices)
 
     def initial_p(self) -> Tensor:
         return torch.full((self.num_blocks - 1, 2), 0.5, dtype=self.meta_dtype)
@@ -1074,7 +1222,7 @@ class ABLSearch(ABLBase):
         p = self.current_p().cpu()
         return {"gamma": {"gamma": self.gamma.detach().cpu().tolist(), "p1": p[:, 0].tolist(),
                           "blocks": self.block_names[:-1], "meta_steps": self.meta_done,
-                          "stopped_early": self.stopped_early}}
+                          "stopped_early": self.stopped_early, "search": search_record(self.options)}}
 
     def state_dict(self) -> dict[str, Any]:
         """Adds gamma, the meta optimiser and the search counters."""

@@ -148,6 +148,10 @@ class Strategy:
         """True when the strategy has finished before the configured epochs."""
         return False
 
+    def start_notices(self) -> list[tuple[str, bool]]:
+        """(line, is_warning) pairs the engine prints and logs once when the run starts (e.g. how a search was sized)."""
+        return []
+
     @staticmethod
     def select(output: StagedOutput, spots: list[int], preact: bool = False) -> list[Tensor]:
         """The features of one network at its spots."""
