@@ -3,6 +3,7 @@ decisions."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -169,7 +170,7 @@ def _eval(args: argparse.Namespace) -> int:
     from adakd.engine.checkpoint import load_run_checkpoint
     from adakd.engine.distributed import pick_device
     from adakd.engine.loop import evaluate, top5_text
-    from adakd.engine.trainer import load_data
+    from adakd.engine.trainer import build_model, load_data
     from adakd.models.checkpoint import CheckpointError
 
     target = Path(args.target)
@@ -195,7 +196,10 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         config = resolve(["cifar100", *args.preset], None, overrides)
     test_set = load_data(config, "test")
-    model = models.create(config.model.name, num_classes=test_set.num_classes)
+    # Built by training's own builder (input channels, width multiplier, model.args, timm/torchvision source), so
+    # what eval scores cannot drift from what was trained; the checkpoint given here replaces any start weights.
+    spec = dataclasses.replace(config.model, weights=None, pretrained=False)
+    model = build_model(spec, test_set.num_classes, "student", in_chans=test_set[0][0].shape[0])
     models.load_weights(model, weights, model_name=config.model.name)
     device = pick_device(config.device)
     model.to(device)

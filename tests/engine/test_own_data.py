@@ -39,7 +39,27 @@ def test_fashion_mnist_idx_files_train_a_one_channel_model(tmp_path):
     run = tmp_path / "runs" / "fm"
     state = torch.load(run / "last.pth", weights_only=True)["model"]
     assert state["conv1.weight"].shape[1] == 1  # grayscale data, 1-channel stem
-    assert json.loads((run / "summary.json").read_text())["last_acc1"] > 20.0  # chance: 10 %; measured 40 %
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["last_acc1"] > 20.0  # chance: 10 %; measured 40 %
+
+
+def test_eval_rebuilds_the_run_s_model_as_training_built_it(tmp_path, capsys):
+    """`adakd eval RUN` of a grayscale run with a width multiplier scores it (it rebuilt the model by name only: a
+    3-channel stem and width 1, refused as 'does not fit'), and gives the run's own last-epoch accuracy."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    for prefix, n, seed in (("train", 96, 0), ("t10k", 40, 1)):
+        images, labels = banded(n, 10, 28, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images, 0x803)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels, 0x801)
+    argv = ["train", "dataset=fashion-mnist", f"data.root={tmp_path}", "data.image_size=16", "epochs=1",
+            f"out_dir={tmp_path / 'runs'}", "name=fm", *QUICK, "model.name=mobilev2", "model.width_mult=0.25"]
+    assert main(argv) == 0
+    run = tmp_path / "runs" / "fm"
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    printed = capsys.readouterr().out
+    last = json.loads((run / "summary.json").read_text())["last_acc1"]
+    assert f"top-1 {last:.2f}%" in printed, printed
 
 
 @pytest.mark.parametrize("strategy", ["sakd", "abl-search"])
