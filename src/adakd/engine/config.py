@@ -306,15 +306,8 @@ def resolve(
     # (`epochs=5` on the 240-epoch recipe) scales them, or the lr would never decay.
     milestone_epochs = _optim_value(values, "epochs") if _optim_value(values, "milestones") is not None else None
     # The command line is one layer: `optim.milestones=[10] epochs=20` gives both, in either order.
-    command_line: dict[str, Any] = {}
-    for text in overrides or []:
-        command_line = merge(command_line, parse_override(text))
-    last_layer: dict[str, Any] = {}
-    for text in after or []:
-        last_layer = merge(last_layer, parse_override(text))
-    layers = [load_preset(name) for name in presets or []] + [read_yaml(path) for path in files or []] + [command_line]
-    if after:
-        layers.append(last_layer)
+    layers = [load_preset(name) for name in presets or []] + [read_yaml(path) for path in files or []]
+    layers += [override_layer(texts) for texts in (overrides, after) if texts is not None]
     for layer in layers:
         values = merge(values, layer)
         if _optim_value(layer, "milestones") is not None:
@@ -323,6 +316,14 @@ def resolve(
     config = scale_milestones(config, OptimConfig.epochs if milestone_epochs is None else milestone_epochs)
     validate(config)
     return config
+
+
+def override_layer(texts: list[str]) -> dict[str, Any]:
+    """Dotted overrides merged into one layer (later ones win)."""
+    layer: dict[str, Any] = {}
+    for text in texts:
+        layer = merge(layer, parse_override(text))
+    return layer
 
 
 def _optim_value(values: dict[str, Any], key: str) -> Any:
