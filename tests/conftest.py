@@ -11,22 +11,47 @@ import torch
 torch.set_num_threads(1)
 
 
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def _is_loopback(address: object) -> bool:
+    """Whether a socket address (host, port[, ...]) names this machine's loopback interface."""
+    return isinstance(address, tuple) and bool(address) and str(address[0]) in LOOPBACK
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """Tests must never download: any network socket connection raises (local Unix sockets, which DataLoader
-    workers use to pass tensors, stay allowed)."""
+    """Tests never reach the internet: any connection except to the loopback interface raises. A server a test
+    starts on 127.0.0.1 (tests/http_server.py) stands in for a download site; local Unix sockets, which DataLoader
+    workers use to pass tensors, stay allowed."""
     connect = socket.socket.connect
+    create_connection = socket.create_connection
 
-    def refuse(*args, **kwargs):
-        raise RuntimeError("a test tried to open a network connection; adakd never downloads")
+    def refuse(address: object) -> None:
+        raise RuntimeError(f"a test tried to open a network connection to {address!r}; tests may only reach a "
+                           "server on 127.0.0.1 that they start themselves")
 
-    def connect_locally(self, *args, **kwargs):
-        if self.family == getattr(socket, "AF_UNIX", None):
-            return connect(self, *args, **kwargs)
-        return refuse()
+    def connect_locally(self, address, *args, **kwargs):
+        if self.family == getattr(socket, "AF_UNIX", None) or _is_loopback(address):
+            return connect(self, address, *args, **kwargs)
+        return refuse(address)
+
+    def create_local_connection(address, *args, **kwargs):
+        if _is_loopback(address):
+            return create_connection(address, *args, **kwargs)
+        return refuse(address)
 
     monkeypatch.setattr(socket.socket, "connect", connect_locally)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "create_connection", create_local_connection)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(monkeypatch, tmp_path_factory):
+    """adakd's per-user cache (downloaded datasets, fetched teachers) is a fresh folder in every test, so no test
+    reads or fills the developer's ~/.cache/adakd."""
+    monkeypatch.setenv("ADAKD_CACHE", str(tmp_path_factory.mktemp("adakd-cache")))
+    for name in ("ADAKD_DATA", "ADAKD_TEACHERS"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(autouse=True)
@@ -36,3 +61,15 @@ def seeded():
     deterministic = torch.are_deterministic_algorithms_enabled()
     yield
     torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.fixture
+def file_server(monkeypatch):
+    """A download site on 127.0.0.1 (tests/http_server.py): put files in `.files`, then fetch `.url(path)`."""
+    from http_server import FileServer  # tests/ is on sys.path (pytest prepends the conftest folder)
+
+    # A proxy configured on the machine must not be asked for the loopback site.
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost,::1")
+    with FileServer() as server:
+        yield server
