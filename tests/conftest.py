@@ -73,3 +73,17 @@ def file_server(monkeypatch):
         monkeypatch.setenv(name, "127.0.0.1,localhost,::1")
     with FileServer() as server:
         yield server
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache read offline; huggingface_hub reads its constants at import, so they are
+    patched as well as the environment (which a subprocess would read)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -11,7 +11,9 @@ The socket guard in conftest.py lets tests reach only this loopback server.
 from __future__ import annotations
 
 import http.server
+import io
 import socket
+import tarfile
 import threading
 import time
 from typing import Any
@@ -91,3 +93,14 @@ def refused_url(path: str = "file.bin") -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return f"http://127.0.0.1:{port}/{path}"
+
+
+def tar_gz(members: dict[str, bytes]) -> bytes:
+    """A .tar.gz archive holding `members` (member path -> bytes), as a publisher would serve it."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

@@ -6,7 +6,6 @@ import io
 import os
 import subprocess
 import sys
-import tarfile
 import time
 import zipfile
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from adakd.download import DownloadError, cache_root, download, unpack, with_base
-from http_server import refused_url
+from http_server import refused_url, tar_gz
 
 PAYLOAD = os.urandom(300_000)
 MD5 = hashlib.md5(PAYLOAD).hexdigest()
@@ -126,18 +125,10 @@ def test_two_processes_starting_at_once_download_once(file_server, tmp_path):
     assert "waiting for another process downloading a.bin" in outputs[1]
 
 
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def test_unpack_tar_and_zip_all_or_nothing(tmp_path):
-    (tmp_path / "a.tar.gz").write_bytes(tar_bytes({"top/x.txt": b"x", "top/sub/y.txt": b"y"}))
+    (tmp_path / "a.tar.gz").write_bytes(tar_gz({"top/x.txt": b"x", "top/sub/y.txt": b"y"}))
     assert unpack(tmp_path / "a.tar.gz", tmp_path, "top") == tmp_path / "top"
     assert (tmp_path / "top" / "sub" / "y.txt").read_bytes() == b"y"
     buffer = io.BytesIO()
@@ -145,7 +136,7 @@ def test_unpack_tar_and_zip_all_or_nothing(tmp_path):
         archive.writestr("zipped/z.txt", "z")
     (tmp_path / "b.zip").write_bytes(buffer.getvalue())
     assert (unpack(tmp_path / "b.zip", tmp_path, "zipped") / "z.txt").read_text() == "z"
-    cut = tar_bytes({"cut/" + str(i): os.urandom(5000) for i in range(20)})
+    cut = tar_gz({"cut/" + str(i): os.urandom(5000) for i in range(20)})
     (tmp_path / "cut.tar.gz").write_bytes(cut[: len(cut) // 2])
     with pytest.raises(DownloadError, match="cannot unpack .*cut.tar.gz"):
         unpack(tmp_path / "cut.tar.gz", tmp_path, "cut")
@@ -154,7 +145,7 @@ def test_unpack_tar_and_zip_all_or_nothing(tmp_path):
 
 
 def test_unpack_refuses_a_member_leaving_the_folder(tmp_path):
-    (tmp_path / "evil.tar.gz").write_bytes(tar_bytes({"top/ok.txt": b"ok", "../escaped.txt": b"no"}))
+    (tmp_path / "evil.tar.gz").write_bytes(tar_gz({"top/ok.txt": b"ok", "../escaped.txt": b"no"}))
     (tmp_path / "inside").mkdir()
     with pytest.raises(DownloadError, match="cannot unpack"):
         unpack(tmp_path / "evil.tar.gz", tmp_path / "inside", "top")

@@ -1,5 +1,5 @@
-"""The `adakd` command: train, distill, abl, eval, sweep, sweeps, table, compare, models, demo, presets, plot,
-decisions."""
+"""The `adakd` command: train, distill, abl, eval, export, sweep, sweeps, teachers, table, compare, models, demo,
+presets, plot, decisions."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--preset", action="append", default=[], metavar="NAME")
     ev.add_argument("--checkpoint", choices=("last", "best"), default="last",
                     help="for a run folder: score last.pth (default; the number to compare) or best.pth")
+    ex = sub.add_parser("export", help="write a run's student alone (safetensors, TorchScript or ONNX) with a model "
+                                       "card (.json, .md) beside it")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="the folder of an `adakd train` or `adakd distill` run")
+    ex.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                    help="export last.pth (default) or best.pth")
+    # No argparse choices: an unknown format gets adakd's one-line error, not a usage block.
+    ex.add_argument("--format", default=None, metavar="FORMAT",
+                    help="safetensors (default), torchscript or onnx (needs pip install \"adakd[onnx]\"); without "
+                         "it, --out's suffix (.safetensors, .pt, .onnx) decides")
+    ex.add_argument("--out", default=None, metavar="PATH",
+                    help="the exported file (default RUN_DIR/export/<model>-<checkpoint>.<ext>); the model card "
+                         "goes beside it as PATH.json and PATH.md; its folder must exist")
+    ex.add_argument("--force", action="store_true", help="replace an existing exported file and its model card")
+    ex.add_argument("--latency-batch", type=int, default=32, metavar="N",
+                    help="batch size of the model card's CPU latency (median of 5 runs; 0 skips it)")
     ms = sub.add_parser("models", help="list every model with its parameter count and feature shapes")
     ms.add_argument("pattern", nargs="?", default="*")
     ms.add_argument("--input-size", type=int, default=None, help="input side (default: 32, ImageNet models 224)")
@@ -72,6 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="submitit settings, e.g. slurm_partition=gpu timeout_min=600 gpus_per_node=1 "
                          "(cluster=local runs the jobs on this machine)")
     sub.add_parser("sweeps", help="list the shipped grids with their cell counts")
+    te = sub.add_parser("teachers", help="the published teachers (CIFAR-100: the CRD benchmark's; ImageNet: "
+                                         "torchvision's): list them, fetch them, score them")
+    te.add_argument("--dir", default=None, help="the teachers folder (default $ADAKD_TEACHERS, else the adakd "
+                                                "cache's teachers/)")
+    te_sub = te.add_subparsers(dest="teachers_action")
+    tf = te_sub.add_parser("fetch", help="download, unpack, strict-load and record the named teachers")
+    tf.add_argument("names", nargs="*", metavar="NAME", help="published teachers (see `adakd teachers`)")
+    tf.add_argument("--all", action="store_true", help="every published teacher")
+    tf.add_argument("--dir", default=argparse.SUPPRESS, help="the teachers folder (default $ADAKD_TEACHERS, else "
+                                                             "the adakd cache's teachers/)")
+    tf.add_argument("--url", default=None, help="the teachers archive (a mirror's URL, a file:// URL or a local "
+                                                "path; default $ADAKD_TEACHERS_URL, else mdistiller's release)")
+    tv = te_sub.add_parser("verify", help="score fetched teachers on their test split beside the published top-1")
+    tv.add_argument("names", nargs="*", metavar="NAME_OR_KEY=VALUE",
+                    help="teachers to score (default: every fetched one) and overrides, e.g. data.root=PATH")
+    tv.add_argument("--dir", default=argparse.SUPPRESS, help="the teachers folder")
     tb = sub.add_parser("table", help="a sweep's results as the paper lays them out, beside the published numbers")
     tb.add_argument("sweep_dir")
     tb.add_argument("--metric", choices=("last", "best"), default="last")
@@ -170,6 +201,7 @@ def _eval(args: argparse.Namespace) -> int:
     from adakd.engine.checkpoint import load_run_checkpoint
     from adakd.engine.distributed import pick_device
     from adakd.engine.loop import evaluate, top5_text
+    from adakd.engine.preprocessing import with_pretrained_preprocessing
     from adakd.engine.trainer import build_model, load_data
     from adakd.models.checkpoint import CheckpointError
 
@@ -194,13 +226,17 @@ def _eval(args: argparse.Namespace) -> int:
             values = merge(values, parse_override(text))
         config = from_dict(values)
     else:
-        config = resolve(["cifar100", *args.preset], None, overrides)
+        # A run folder's config already holds the preprocessing it trained with; a preset does not.
+        config = with_pretrained_preprocessing(resolve(["cifar100", *args.preset], None, overrides))[0]
     test_set = load_data(config, "test")
     # Built by training's own builder (input channels, width multiplier, model.args, timm/torchvision source), so
     # what eval scores cannot drift from what was trained; the checkpoint given here replaces any start weights.
     spec = dataclasses.replace(config.model, weights=None, pretrained=False)
     model = build_model(spec, test_set.num_classes, "student", in_chans=test_set[0][0].shape[0])
-    models.load_weights(model, weights, model_name=config.model.name)
+    # A run's own checkpoint keeps the student under 'model'; model.weights_key chose among the entries of the file
+    # the run started from, so it applies only to a checkpoint file given here.
+    models.load_weights(model, weights, model_name=config.model.name, config_key="model", on_note=print,
+                        weights_key=None if target.is_dir() else config.model.weights_key)
     device = pick_device(config.device)
     model.to(device)
     loader = data.make_loader(test_set, config.data.test_batch_size, train=False, device=device,
@@ -213,6 +249,23 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import json
+
+    from adakd.engine.export import card_paths, export_student
+
+    path = export_student(args.run_dir, checkpoint=args.checkpoint, format=args.format, out=args.out,
+                          force=args.force, latency_batch=args.latency_batch)
+    json_path, md_path = card_paths(path)
+    card = json.loads(json_path.read_text())
+    scored = card["accuracy"]["exported_checkpoint"]
+    score = f", test top-1 {scored['top1']:.2f}%" if scored else ""
+    print(f"exported student {card['architecture']['name']} ({card['exported_from']['checkpoint']}, epoch "
+          f"{card['exported_from']['epoch']}{score}) as {card['file_format']} to {path}")
+    print(f"model card: {json_path} and {md_path}")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from adakd import models
 
@@ -220,7 +273,8 @@ def _models(args: argparse.Namespace) -> int:
         names = models.available(args.pattern, source=args.source)
         print("\n".join(names))
         print(f"{len(names)} {args.source} models; use one as model.name={names[0] if names else 'timm:NAME'} "
-              "(random init; weights from a file with model.weights=PATH)", file=sys.stderr)
+              "(random init; model.pretrained=true for the published ImageNet weights, or a file with "
+              "model.weights=PATH)", file=sys.stderr)
         return 0
     print(f"{'name':<14}{'params':>13}  feature shapes (stem, stages..., pooled, logits)")
     for name in models.available(args.pattern):
@@ -232,6 +286,36 @@ def _models(args: argparse.Namespace) -> int:
         text = " | ".join("x".join(map(str, s)) for s in shapes)
         print(f"{name:<14}{sum(p.numel() for p in model.parameters()):>13,}  {text}")
     return 0
+
+
+def _teachers(args: argparse.Namespace) -> int:
+    from adakd.download import DownloadError
+    from adakd.engine.config import ConfigError
+    from adakd.models import teachers
+
+    action = getattr(args, "teachers_action", None)
+    try:
+        if action is None:
+            print(teachers.listing(args.dir))
+            return 0
+        if action == "fetch":
+            if args.all == bool(args.names):
+                raise ConfigError("name the teachers to fetch (see `adakd teachers`) or give --all, not both")
+            names = list(teachers.PUBLISHED) if args.all else args.names
+            for item in teachers.fetch(names, args.dir, url=args.url):
+                print(f"{item.name}: {'already here' if item.already else 'fetched'}: {item.path}")
+            folder = teachers.teachers_dir(args.dir)
+            if folder not in teachers.search_dirs():  # a --dir that runs do not look in by themselves
+                print(f"runs find teachers in {folder} with ADAKD_TEACHERS={folder} set")
+            return 0
+        from adakd.engine.teacher_scores import verify
+
+        names = [item for item in args.names if "=" not in item]
+        verify(names, [item for item in args.names if "=" in item], args.dir)
+        return 0
+    except DownloadError as err:  # no network, refused, cut: one line, as every bad input
+        print(f"adakd: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _key_values(items: list[str], option: str) -> dict[str, object]:
@@ -343,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _line_buffered_stdout()
     _RESUME_HINT.clear()  # a hint is about the run this call starts, not an earlier call in the same process
     from adakd.data import DatasetError
+    from adakd.download import DownloadError
     from adakd.engine.config import ConfigError
     from adakd.engine.loop import NonFiniteLossError
     from adakd.engine.runs import DiskFullError, RunDirError, one_line
@@ -367,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, args.command)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "abl":
             return _abl(args)
         if args.command == "models":
@@ -382,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "teachers":
+            return _teachers(args)
         if args.command == "sweeps":
             from adakd.engine.launch import describe_grids
 
@@ -425,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"adakd: error: {err.describe(_RESUME_HINT.get('command'))}", file=sys.stderr)
         return 2
     except (ConfigError, DatasetError, CheckpointError, RunDirError, UnknownNameError, FileNotFoundError,
-            ModelSourceError, AutoLayoutError) as err:
+            ModelSourceError, AutoLayoutError, DownloadError) as err:
         print(f"adakd: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

@@ -8,8 +8,8 @@ from adakd.data import DATASETS, ArrayDataset, DatasetError, dataset_info, load_
 
 
 def test_names_and_errors() -> None:
-    assert DATASETS == ("cifar100", "tiny-imagenet", "imagenet", "digits", "synthetic", "mnist", "fashion-mnist",
-                        "svhn", "stl10", "folder")
+    assert DATASETS == ("cifar100", "cifar10", "tiny-imagenet", "imagenet", "digits", "synthetic", "mnist",
+                        "fashion-mnist", "svhn", "stl10", "folder")
     assert issubclass(DatasetError, ValueError)
     with pytest.raises(DatasetError, match="unknown dataset 'cifar-100'.*did you mean cifar100"):
         load_dataset("cifar-100", "train")
@@ -17,8 +17,9 @@ def test_names_and_errors() -> None:
         load_dataset("digits", "val")
 
 
-@pytest.mark.parametrize("name, classes, size", [("cifar100", 100, 32), ("tiny-imagenet", 200, 64),
-                                                 ("imagenet", 1000, 224), ("digits", 10, 32), ("synthetic", 10, 32)])
+@pytest.mark.parametrize("name, classes, size", [("cifar100", 100, 32), ("cifar10", 10, 32),
+                                                 ("tiny-imagenet", 200, 64), ("imagenet", 1000, 224),
+                                                 ("digits", 10, 32), ("synthetic", 10, 32)])
 def test_dataset_info_needs_no_files(name: str, classes: int, size: int) -> None:
     info = dataset_info(name)
     assert (info["num_classes"], info["image_size"], info["channels"]) == (classes, size, 3)

@@ -19,6 +19,7 @@ from adakd.engine.config import resolve
 from adakd.engine.launch import prepare
 from adakd.engine.sweep import Sweep, load_grid, plan
 from adakd.engine.sweep_lock import SweepBusyError, SweepLock
+from cli_checks import fails
 
 
 def teacher_cells(cells):
@@ -90,15 +91,6 @@ def state_dict_file(path, name="resnet8"):
     return path
 
 
-def one_error_line(capsys, argv, *fragments):
-    code = main(argv)
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("adakd: error: "), captured.err
-    assert "Traceback" not in captured.err + captured.out
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 class Evil:
@@ -111,15 +103,15 @@ class Evil:
 
 def test_bad_teacher_is_refused_with_the_plan_and_nothing_is_written(tmp_path, capsys):
     grid, out = write(tmp_path / "g.yaml", TINY), tmp_path / "sweep"
-    one_error_line(capsys, ["sweep", grid, "--out", str(out), "--teacher", f"resnet8={tmp_path / 'none.pth'}"],
+    fails(capsys, ["sweep", grid, "--out", str(out), "--teacher", f"resnet8={tmp_path / 'none.pth'}"],
                    "teacher resnet8", "does not exist", "--teacher resnet8=PATH")
     wrong = state_dict_file(tmp_path / "resnet20.pth", "resnet20")
-    one_error_line(capsys, ["sweep", grid, "--out", str(out), "--teacher", f"resnet8={wrong}"],
+    fails(capsys, ["sweep", grid, "--out", str(out), "--teacher", f"resnet8={wrong}"],
                    "teacher resnet8", "needed by cell method-kd_seed0")
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.pth"
     torch.save({"model": models.create("resnet8", num_classes=10).state_dict(), "x": Evil(marker)}, evil)
-    one_error_line(capsys, ["sweep", grid, "--out", str(out), "--teacher", f"resnet8={evil}"], "refusing to load")
+    fails(capsys, ["sweep", grid, "--out", str(out), "--teacher", f"resnet8={evil}"], "refusing to load")
     assert not marker.exists() and not out.exists()
 
 
@@ -147,7 +139,8 @@ def test_threads_and_log_settings_do_not_count_as_config_changes(tmp_path):
     sweep, cells, label, given = prepare(grid, [], out)
     sweep.write_plan(label, given["source"], given["overrides"], given["teachers"], cells)
     sweep.cell_dir(cells[0].name).mkdir(parents=True)  # started
-    _, changed, _, _ = prepare(grid, ["threads=1", "data.num_workers=2", "log.progress=false", "log.eval_every=3"], out)
+    _, changed, _, _ = prepare(grid, ["threads=1", "data.num_workers=2", "log.progress=false", "log.eval_every=3",
+                                      "data.download=false", "data.mirror=http://mirror.local/data/"], out)
     assert sweep.check_unchanged(changed) == []
     _, changed, _, _ = prepare(grid, ["optim.lr=0.2"], out)
     with pytest.raises(Exception, match="optim.lr: 0.05 -> 0.2"):
@@ -160,9 +153,9 @@ def test_table_of_a_sweep_with_a_cut_manifest_says_how_to_rebuild_it(tmp_path, c
     sweep.write_plan(label, given["source"], given["overrides"], given["teachers"], cells)
     text = sweep.manifest.read_text()
     sweep.manifest.write_text(text[: text.index("cells:")])
-    one_error_line(capsys, ["table", str(out)], "sweep.yaml lacks cells", f"adakd sweep GRID --out {out}")
+    fails(capsys, ["table", str(out)], "sweep.yaml lacks cells", f"adakd sweep GRID --out {out}")
     sweep.manifest.write_text(text[: len(text) // 3] + "\n  - [unclosed")
-    one_error_line(capsys, ["table", str(out)], "sweep.yaml", "rebuild it")
+    fails(capsys, ["table", str(out)], "sweep.yaml", "rebuild it")
 
 
 # ---- one sweep per folder
@@ -184,7 +177,7 @@ def holder(tmp_path):
 
 def test_a_second_sweep_on_a_busy_folder_names_the_holder_and_runs_nothing(tmp_path, capsys, holder):
     grid, out = write(tmp_path / "g.yaml", ALONE), tmp_path / "sweep"
-    line = one_error_line(capsys, ["sweep", grid, "--out", str(out)], f"in use by PID {holder.pid} on ", " since ",
+    line = fails(capsys, ["sweep", grid, "--out", str(out)], f"in use by PID {holder.pid} on ", " since ",
                           "--wait")
     assert "sweep.yaml" not in os.listdir(out) and not (out / "cells").exists(), line
 
@@ -252,4 +245,4 @@ def test_top5_table_of_runs_that_measured_no_top5_is_one_line(tmp_path, capsys):
     (folder / "summary.json").write_text(json.dumps({"last_acc1": 80.0, "last_acc5": None, "best_acc1": 81.0,
                                                      "best_acc5": None}))
     assert main(["table", str(out)]) == 0 and "| kd | 80.00 |" in capsys.readouterr().out
-    one_error_line(capsys, ["table", str(out), "--topk", "5"], "measured no top-5", "--topk 1")
+    fails(capsys, ["table", str(out), "--topk", "5"], "measured no top-5", "--topk 1")

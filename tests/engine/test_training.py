@@ -144,7 +144,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     (["train", "optim.lrr=0.1"], "unknown config key optim.lrr; did you mean optim.lr?"),
     (["train", "model.name=resnet21"], "'resnet20'"),
     (["distill", "method=kdd", "teacher.name=resnet8", "teacher.weights=/nonexistent.pth"], ""),
-    (["train", "data.name=cifar100", "data.root=/nonexistent"], "cifar-100-python"),
+    (["train", "data.name=cifar100", "data.root=/nonexistent", "data.download=false"], "cifar-100-python"),
     (["eval", "/nonexistent.pth", "model.name=resnet8", "data.name=digits"], "does not exist"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, fragment):

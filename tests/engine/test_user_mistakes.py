@@ -185,10 +185,10 @@ def test_ctrl_c_prints_one_line_saying_how_to_resume(tmp_path, capsys, monkeypat
 
 
 
-def test_pretrained_without_a_file_and_unknown_external_names(tmp_path, capsys):
+def test_pretrained_zoo_model_and_unknown_external_names(tmp_path, capsys):
     pytest.importorskip("timm")
-    fails(capsys, run_argv(tmp_path, "model.name=timm:resnet10t", "model.pretrained=true"),
-          "model.pretrained=true", "never downloads", "model.weights=PATH")
+    fails(capsys, run_argv(tmp_path, "model.pretrained=true"),
+          "model.pretrained=true", "zoo model", "adakd teachers fetch", "model.weights=PATH")
     fails(capsys, run_argv(tmp_path, "model.name=timm:resnet10"), "unknown timm model 'resnet10'", "timm:resnet10t")
     fails(capsys, run_argv(tmp_path, "model.name=tim:resnet18"), "unknown model source 'tim'")
     fails(capsys, run_argv(tmp_path, "data.in_memory=true"), "data.in_memory applies to folder datasets, not digits")

@@ -1,11 +1,13 @@
 """Datasets and device-side loaders.
 
-    ds = load_dataset("cifar100", "train", root=None)      # root, else $ADAKD_DATA_CIFAR100, else $ADAKD_DATA
+    ds = load_dataset("cifar100", "train", root=None)      # root, else $ADAKD_DATA_CIFAR100, else $ADAKD_DATA,
+                                                           # else ~/.cache/adakd/data (default_data_root())
+    ds = load_dataset("cifar100", "train", download=True)  # fetch it first when missing (checksummed, once)
     loader = make_loader(ds, 64, train=True, device=device, seed=0)
     loader.set_epoch(epoch)
     for images, targets, indices in loader: ...
 
-In-memory datasets (cifar100, tiny-imagenet, digits, synthetic, mnist, fashion-mnist, svhn, stl10, and small
+In-memory datasets (cifar10, cifar100, tiny-imagenet, digits, synthetic, mnist, fashion-mnist, svhn, stl10, and small
 `folder` trees) are ArrayDatasets and are augmented in batches on the device; imagenet and large `folder` trees are
 folder datasets read by a torch DataLoader. Your own data: `register_dataset("mine", load)`.
 """
@@ -19,24 +21,27 @@ import torch
 
 from adakd.registry import suggestions
 
-from . import cifar, digits, folder, imagenet, stl10, svhn, synthetic, tiny_imagenet
+from . import cifar, cifar10, digits, fetch, folder, imagenet, stl10, svhn, synthetic, tiny_imagenet
 from .adapter import IndexedDataset
 from .arrays import ArrayDataset
-from .errors import DatasetError
+from .errors import DatasetError, default_data_root
 from .imagenet import FolderDataset
 from .loader import ArrayLoader, FolderLoader, make_loader
 from .mnist import FASHION_MNIST, MNIST
 
 # name -> an object with load(split, root, **options) and info(**options) or an INFO dict (a module, or _Registered).
-_MODULES: dict[str, Any] = {"cifar100": cifar, "tiny-imagenet": tiny_imagenet, "imagenet": imagenet,
+_MODULES: dict[str, Any] = {"cifar100": cifar, "cifar10": cifar10, "tiny-imagenet": tiny_imagenet, "imagenet": imagenet,
                             "digits": digits, "synthetic": synthetic, "mnist": MNIST, "fashion-mnist": FASHION_MNIST,
                             "svhn": svhn, "stl10": stl10, "folder": folder}
 DATASETS = tuple(_MODULES)  # the built-in names; available() adds those registered since
 SPLITS = ("train", "test")
 _UNKNOWN_INFO = {"num_classes": None, "image_size": None, "channels": None, "mean": None, "std": None}
 
-__all__ = ["DATASETS", "ArrayDataset", "ArrayLoader", "DatasetError", "FolderDataset", "FolderLoader",
-           "IndexedDataset", "available", "dataset_info", "load_dataset", "make_loader", "register_dataset"]
+DOWNLOADABLE = tuple(fetch.DOWNLOADS)  # the datasets load_dataset(..., download=True) can fetch
+
+__all__ = ["DATASETS", "DOWNLOADABLE", "ArrayDataset", "ArrayLoader", "DatasetError", "FolderDataset", "FolderLoader",
+           "IndexedDataset", "available", "dataset_info", "default_data_root", "load_dataset", "make_loader",
+           "register_dataset"]
 
 
 class _Registered:
@@ -92,9 +97,14 @@ def _module(name: str) -> Any:
     return _MODULES[name]
 
 
-def load_dataset(name: str, split: str, root: str | os.PathLike | None = None,
-                 **options: Any) -> torch.utils.data.Dataset:
+def load_dataset(name: str, split: str, root: str | os.PathLike | None = None, *, download: bool = False,
+                 mirror: str | None = None, **options: Any) -> torch.utils.data.Dataset:
     """Load `split` ("train" or "test") of dataset `name`; problems with the files raise DatasetError.
+
+    download: fetch the split's files first when they are missing (DOWNLOADABLE datasets; off by default here, as in
+    torchvision; the config key data.download is on by default), checksummed and locked, into the folder the loader
+    reads; a failed download raises adakd.download.DownloadError. mirror: a base URL replacing the download sites
+    (else $ADAKD_DATA_MIRROR); see adakd.data.fetch for the paths a mirror serves.
 
     A dataset's loader may return an ArrayDataset, a FolderDataset, or any torch Dataset whose items are (image
     tensor, int target) or (image, target, index) with .targets and .num_classes (or .classes); the last kind is
@@ -104,7 +114,11 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None,
     if split not in SPLITS:
         raise DatasetError(f"{name}: unknown split {split!r}; choose 'train' or 'test' (tiny-imagenet's and "
                            f"imagenet's 'test' is the official val)")
-    dataset = module.load(split, root, **options)
+    folder = fetch.prepare(name, split, root, download=download, mirror=mirror)
+    try:
+        dataset = module.load(split, folder, **options)
+    except DatasetError as err:
+        raise fetch.explain_missing(err, name, split, folder, download) from None
     if isinstance(dataset, (ArrayDataset, FolderDataset, IndexedDataset)):
         return dataset
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):

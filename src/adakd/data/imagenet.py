@@ -13,8 +13,13 @@ from .errors import DatasetError, Source
 
 SOURCE = Source(
     name="imagenet", env="ADAKD_DATA_IMAGENET",
-    expected="<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG with the same class folders (ILSVRC-2012 "
-             "from https://image-net.org, the val images moved into one folder per class)",
+    # ImageNet's licence needs a login, so adakd cannot download it: the text says how to make the layout by hand.
+    expected="<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG with the same 1000 class folders. ImageNet "
+             "cannot be downloaded for you: register at https://image-net.org, download ILSVRC2012_img_train.tar, "
+             "ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz (ILSVRC-2012) into <root>, and run "
+             "python -c \"import torchvision.datasets as d; d.ImageNet('<root>', split='train'); "
+             "d.ImageNet('<root>', split='val')\" once: torchvision unpacks them into exactly this layout, the val "
+             "images sorted into their class folders",
     parent_subdir="imagenet")
 INFO = {"num_classes": 1000, "image_size": 224, "channels": 3,
         "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}

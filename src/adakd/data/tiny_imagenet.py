@@ -15,7 +15,8 @@ SOURCE = Source(
     name="tiny-imagenet", env="ADAKD_DATA_TINY_IMAGENET",
     expected="<root>/tiny-imagenet-200/ with wnids.txt, words.txt (optional), train/<wnid>/images/<wnid>_<k>.JPEG, "
              "val/images/val_<k>.JPEG and val/val_annotations.txt, as unpacked from "
-             "http://cs231n.stanford.edu/tiny-imagenet-200.zip")
+             "http://cs231n.stanford.edu/tiny-imagenet-200.zip (val/ sorted into class folders val/<wnid>/images/ or "
+             "val/<wnid>/, as ImageFolder code such as mdistiller's reads it, is accepted too)")
 # CIFAR-10 statistics, not tiny-ImageNet's own: the SAKD code normalises this way and we reproduce it.
 INFO = {"num_classes": 200, "image_size": 64, "channels": 3,
         "mean": (0.4914, 0.4822, 0.4465), "std": (0.2023, 0.1994, 0.2010)}
@@ -59,10 +60,32 @@ def _train_files(folder: Path, wnids: list[str]) -> tuple[list[Path], list[int]]
     return files, labels
 
 
+def _sorted_val_files(folder: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
+    """val/ sorted into class folders, val/<wnid>/images/*.JPEG or val/<wnid>/*.JPEG (mdistiller's ImageFolder)."""
+    index = {w: i for i, w in enumerate(wnids)}
+    unknown = sorted(p.name for p in (folder / "val").iterdir() if p.is_dir() and p.name not in index)
+    if unknown:
+        raise SOURCE.error(f"val/ holds class folders that wnids.txt does not list: {unknown[:5]}", folder / "val")
+    files, labels = [], []
+    for label, wnid in enumerate(wnids):
+        images = folder / "val" / wnid / "images"
+        images = images if images.is_dir() else folder / "val" / wnid
+        found = sorted(p for p in images.glob("*") if p.suffix.lower() in _JPEG) if images.is_dir() else []
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise SOURCE.error("the class folders in val/ hold no JPEG images", folder / "val")
+    return files, labels
+
+
 def _val_files(folder: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
-    annotations = folder / "val" / "val_annotations.txt"
+    """The official val layout (val/images/ listed by val/val_annotations.txt), else val/ sorted by class."""
+    val = folder / "val"
+    annotations = val / "val_annotations.txt"
+    if not (val / "images").is_dir() and val.is_dir() and any(p.is_dir() for p in val.iterdir()):
+        return _sorted_val_files(folder, wnids)
     if not annotations.is_file():
-        raise SOURCE.error("missing val/val_annotations.txt", annotations)
+        raise SOURCE.error("missing val/val_annotations.txt (and val/ is not sorted into class folders)", annotations)
     index = {w: i for i, w in enumerate(wnids)}
     files, labels = [], []
     for number, line in enumerate(_read_lines(annotations), start=1):

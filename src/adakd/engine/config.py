@@ -30,9 +30,17 @@ class ModelConfig:
 
     name: str | None = None
     weights: str | None = None
+    # The entry of the weights file to read (timm's 'state_dict_ema'); null: the first of 'model', 'state_dict',
+    # 'model_state_dict' (a file offering another entry that fits says so in one line).
+    weights_key: str | None = None
+    # Load every weight but the classifier, which starts fresh for this dataset's classes (an ImageNet checkpoint for
+    # a 4-class folder); every other key must still fit exactly.
+    reset_classifier: bool = False
     width_mult: float | None = None
     in_chans: int | None = None  # input channels; null: the dataset's (1 for grayscale sets, else 3)
-    pretrained: bool = False  # only with `weights`: adakd never downloads
+    # Start from published weights (timm / torchvision models; adakd.models.external): true, a torchvision weights
+    # name (IMAGENET1K_V2), or a timm weights file; the classifier is resized to the dataset's classes.
+    pretrained: bool | str = False
     args: dict[str, Any] = field(default_factory=dict)  # extra builder arguments, e.g. timm's img_size, drop_rate
 
 
@@ -48,9 +56,17 @@ class DataConfig:
     # never more than the cores of this process less one (4 on 2 cores oversubscribed them and made torch warn).
     num_workers: int | None = None
     image_size: int | None = None
+    # Normalisation (0..1 units, one value per channel); null: the pretrained model's when model.pretrained (else
+    # teacher.pretrained) is on, else the dataset's. A run's config.yaml records the values used.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     tiny_aug: str = "flip"
     train_size: int | None = None  # keep only the first N training samples (quick experiments)
     in_memory: bool | None = None  # folder datasets: hold decoded images in memory; null: when under 2 GiB
+    # Fetch a missing dataset (cifar10, cifar100, mnist, fashion-mnist, svhn, stl10, tiny-imagenet) with its
+    # checksum, as every peer does; false: never touch the network.
+    download: bool = True
+    mirror: str | None = None  # a base URL replacing the download sites (else $ADAKD_DATA_MIRROR)
 
 
 @dataclass(frozen=True)
@@ -389,6 +405,8 @@ def validate(config: RunConfig) -> None:
         (config.data.train_size is None or config.data.train_size >= 1, "data.train_size",
          "must be >= 1 (or null for the whole training set)"),
         (config.data.tiny_aug in ("flip", "crop"), "data.tiny_aug", "must be 'flip' or 'crop'"),
+        (config.data.mirror is None or "://" in config.data.mirror, "data.mirror",
+         "must be a base URL such as https://host/datasets/ (or null for the official sites)"),
         (all(m >= 1 for m in config.optim.milestones), "optim.milestones",
          "must be epochs >= 1 after which the lr decays"),
         (config.model.width_mult is None or config.model.width_mult > 0, "model.width_mult", "must be > 0"),
@@ -432,14 +450,35 @@ def validate(config: RunConfig) -> None:
                               "would ignore this; to distill run `adakd distill` with teacher.name, teacher.weights "
                               "and method=...")
     for key, spec in (("model", config.model), ("teacher", config.teacher)):
-        if spec.pretrained and not spec.weights:
-            raise ConfigError(f"{key}.pretrained=true: adakd never downloads weights. Download the pretrained "
-                              f"weights of {spec.name} yourself (a state_dict .pth or a .safetensors file, e.g. from "
-                              f"the timm or torchvision model page) and pass it as {key}.weights=PATH")
+        check_pretrained(key, spec)
+    for key in ("mean", "std"):
+        values = getattr(config.data, key)
+        if values is not None and (not values or any(not math.isfinite(v) or (key == "std" and v <= 0)
+                                                     for v in values)):
+            raise ConfigError(f"data.{key} must be a list of finite numbers, one per channel, in 0..1 units"
+                              f"{' and > 0' if key == 'std' else ''}, e.g. [0.485, 0.456, 0.406]; got {list(values)}")
     args = config.distill.for_method().args
     value = args.get("temperature")  # a method's own temperature (KD, DKD, CRD) divides its logits
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
         raise ConfigError(f"distill.args.temperature must be > 0 (it divides the logits), got {value}")
+
+
+def check_pretrained(key: str, spec: ModelConfig) -> None:
+    """`{key}.pretrained` names published weights of a timm / torchvision model, and is not given with a file."""
+    if spec.pretrained is False or spec.name is None:
+        return
+    zoo = ":" not in spec.name  # timm:NAME / torchvision:NAME name their source
+    if spec.pretrained is True and zoo:
+        # Zoo (CIFAR) models have no published ImageNet weights; their published CIFAR teachers are files.
+        raise ConfigError(f"{key}.pretrained=true: {spec.name!r} is an adakd zoo model, which has no published "
+                          "pretrained weights; fetch the published CIFAR teachers with `adakd teachers fetch` and "
+                          f"pass one as {key}.weights=PATH, or use a timm: / torchvision: model")
+    if isinstance(spec.pretrained, str) and zoo:
+        raise ConfigError(f"{key}.pretrained={spec.pretrained!r}: {spec.name!r} is an adakd zoo model; load a "
+                          f"weights file with {key}.weights=PATH")
+    if spec.weights:
+        raise ConfigError(f"{key}.pretrained and {key}.weights are both given: give one ({key}.pretrained starts "
+                          f"from published weights, {key}.weights loads your file)")
 
 
 def dump_yaml(config: RunConfig) -> str:

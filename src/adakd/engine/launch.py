@@ -270,14 +270,14 @@ def _preflight(cells: list[Cell]) -> None:
             datasets.append((data, opened))
         teacher = cell.config.get("teacher") or {}
         if cell.kind == "train" or cell.teacher_cell is not None or not (
-                teacher.get("weights") or teacher_candidate(teacher.get("name", ""))):
+                teacher.get("weights") or teacher_candidate(teacher.get("name", ""), opened.num_classes)):
             continue  # trained alone, taught by a teacher the sweep trains first, or a scratch teacher
         key = (teacher, data)
         if key in checked:
             continue
         checked.append(key)
         config = from_dict(cell.config)
-        path = config.teacher.weights or teacher_candidate(config.teacher.name)
+        path = config.teacher.weights or teacher_candidate(config.teacher.name, opened.num_classes)
         try:
             build_model(config.teacher, opened.num_classes, "teacher", in_chans=opened[0][0].shape[0])
         except (CheckpointError, ConfigError, OSError) as err:
@@ -330,6 +330,21 @@ def dry_run_text(sweep: Sweep, cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def trained_teacher_notes(sweep: Sweep, cells: list[Cell]) -> list[str]:
+    """One line per teacher the sweep will train although it is published: the command that fetches it instead."""
+    from adakd.models.teachers import PUBLISHED
+
+    notes = []
+    for cell in cells:
+        name = cell.config.get("model", {}).get("name", "")
+        dataset = cell.config.get("data", {}).get("name")
+        if (cell.role == "teacher" and name in PUBLISHED and PUBLISHED[name].dataset == dataset
+                and sweep.state(cell)["state"] != "done"):
+            notes.append(f"sweep: teacher {name} is trained first (cell {cell.name}); to use the published one "
+                         f"instead, run `adakd teachers fetch {name}` and start the sweep again")
+    return notes
+
+
 def run_sweep(grid: str, overrides: list[str], out: str | Path | None = None, jobs: int = 1,
               launcher: str = "local", dry_run: bool = False, retry_failed: bool = False,
               teachers: dict[str, str] | None = None, slurm: dict[str, Any] | None = None,
@@ -351,7 +366,11 @@ def run_sweep(grid: str, overrides: list[str], out: str | Path | None = None, jo
                    if value == "required" and name not in given["teachers"]]
         if missing:
             print("to run it, give " + " ".join(f"--teacher {name}=PATH" for name in missing), file=stream)
+        for note in trained_teacher_notes(sweep, cells):
+            print(note, file=stream)
         return {}, sweep.root
+    for note in trained_teacher_notes(sweep, cells):
+        print(note, file=sys.stderr)
     sweep.check_unchanged(cells)
     if launcher == "slurm":  # before the sweep folder is written: a missing extra leaves nothing behind
         from adakd.engine.slurm import require_submitit

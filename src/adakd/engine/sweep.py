@@ -224,7 +224,9 @@ def _alone(values: dict[str, Any], spec: dict[str, Any], name: str, seed: int, o
     """The config of a network trained alone with cross-entropy, on a cell's data and recipe."""
     alone = copy.deepcopy(values)
     alone.update(task="train", seed=seed, name=name, out_dir=str(out),
-                 model={**spec, "weights": None, "pretrained": False}, teacher=to_dict(ModelConfig()),
+                 # A pretrained network starts from its published weights here too: the baseline a distilled
+                 # pretrained student is compared with must start where it starts.
+                 model={**spec, "weights": None}, teacher=to_dict(ModelConfig()),
                  distill=to_dict(DistillConfig()), strategy=to_dict(StrategyConfig()))
     return alone
 
@@ -371,20 +373,24 @@ def _teacher_values(layers: _Layers, extra: list[str], label: str, cell: str) ->
 
 def _attach_teacher(cell: Cell, config: Any, given: dict[str, str], required: set[str], added: _Registry,
                     per_seed: bool, layers: _Layers, extra: list[str], label: str) -> None:
-    """Point a distill cell at its teacher: given, found under ADAKD_TEACHERS, or a teacher cell trained first."""
+    """Point a distill cell at its teacher: given, found under ADAKD_TEACHERS or fetched (`adakd teachers fetch`),
+    or a teacher cell trained first."""
     if config.task != "distill" or config.teacher.weights or config.strategy.args.get("teacher_init") == "scratch":
         return
     name = config.teacher.name
     if name in given:
         cell.config["teacher"]["weights"] = str(given[name])
         return
-    from adakd.engine.trainer import teacher_candidate
+    from adakd.data import dataset_info
+    from adakd.engine.trainer import teacher_candidate, teacher_fetch_hint
 
-    if teacher_candidate(name) is not None:
+    num_classes = dataset_info(config.data.name).get("num_classes")
+    if teacher_candidate(name, num_classes) is not None:
         return
     if name in required:
         raise SweepError(f"teacher {name} must be given, the sweep does not train it: add "
-                         f"--teacher {name}=PATH (a checkpoint: .pth, .safetensors or a run folder)")
+                         f"--teacher {name}=PATH (a checkpoint: .pth, .safetensors or a run folder)"
+                         f"{teacher_fetch_hint(name, num_classes)}")
     teacher_values = _teacher_values(layers, extra, label, cell.name)
     teacher = added.add(f"teacher-{name}", "teacher", teacher_values, cell.seed if per_seed else 0)
     cell.after.append(teacher.name)
@@ -405,8 +411,9 @@ def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
 
 
 # Settings that place a run on a machine or change what it reports, not what it learns: a sweep continues across
-# them (threads and loader workers are chosen per machine; null means measured at start).
-PLACEMENT_KEYS = ("threads", "data.num_workers", "log.")
+# them (threads and loader workers are chosen per machine; null means measured at start; whether and from where a
+# missing dataset is downloaded changes no file a run reads, the checksums see to that).
+PLACEMENT_KEYS = ("threads", "data.num_workers", "log.", "data.download", "data.mirror")
 
 
 def _placement(key: str) -> bool:

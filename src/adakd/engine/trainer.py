@@ -27,7 +27,8 @@ from adakd.engine.optim import MultiStepSchedule, base_lr, build_optimizers, lr_
 from adakd.engine.resumable import clear_unfinished
 from adakd.engine.runs import DiskFullError, RunDir, RunDirError, disk_full
 from adakd.data.split import endless, stratified_split, subset
-from adakd.models.external import split_source
+from adakd.engine.preprocessing import with_normalisation, with_pretrained_preprocessing
+from adakd.models.external import ModelSourceError, split_source, with_config_key
 from adakd.models.layers import with_input_channels
 from adakd.strategies.base import LossWeights, Precision, Strategy
 
@@ -162,7 +163,8 @@ def load_data(config: RunConfig, split: str):
     if config.data.in_memory is not None:
         options["in_memory"] = config.data.in_memory
     try:
-        dataset = datasets.load_dataset(config.data.name, split, root=config.data.root, **options)
+        dataset = datasets.load_dataset(config.data.name, split, root=config.data.root,
+                                        download=config.data.download, mirror=config.data.mirror, **options)
     except TypeError as err:  # an option the dataset does not take
         if "in_memory" not in str(err):
             raise
@@ -173,6 +175,7 @@ def load_data(config: RunConfig, split: str):
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"data.image_size={config.data.image_size}: the {split} split of {config.data.name} at "
                           f"that size does not fit in memory ({reason[:160]}); lower data.image_size") from None
+    dataset = with_normalisation(dataset, config.data.mean, config.data.std, config.data.name)
     size = config.data.train_size
     if split == "train" and size is not None:
         if not isinstance(dataset, datasets.ArrayDataset):
@@ -185,16 +188,28 @@ def load_data(config: RunConfig, split: str):
     return dataset
 
 
-def teacher_candidate(name: str) -> Path | None:
-    """The published teacher under $ADAKD_TEACHERS when it exists (the CRD benchmark's layout of its teachers:
-    <dir>/<name>_vanilla/ckpt_epoch_240.pth)."""
-    root = os.environ.get("ADAKD_TEACHERS")
-    candidate = Path(root) / f"{name}_vanilla" / "ckpt_epoch_240.pth" if root else None
-    return candidate if candidate is not None and candidate.is_file() else None
+def teacher_candidate(name: str, num_classes: int | None = None) -> Path | None:
+    """The teacher file used when teacher.weights is not given: <dir>/<name>_vanilla/ckpt_epoch_240.pth (the CRD
+    benchmark's layout) under $ADAKD_TEACHERS or where `adakd teachers fetch` puts it, or a fetched torchvision
+    teacher; None when there is none. A fetched file changed since its fetch raises (models.teachers.TeacherError)."""
+    from adakd.models.teachers import candidate
+
+    return candidate(name, num_classes)
 
 
-def build_model(spec, num_classes: int, role: str, needs_weights: bool = True, in_chans: int = 3) -> torch.nn.Module:
-    """Create a zoo model for `in_chans`-channel images and load its weights strictly if a path is given."""
+def teacher_fetch_hint(name: str, num_classes: int | None = None) -> str:
+    """', or fetch the published one with `adakd teachers fetch NAME`' when NAME is a published teacher of
+    `num_classes` classes ('' otherwise)."""
+    from adakd.models.teachers import fetch_hint
+
+    return fetch_hint(name, num_classes)
+
+
+def build_model(spec, num_classes: int, role: str, needs_weights: bool = True, in_chans: int = 3,
+                on_note: Callable[[str], None] | None = None) -> torch.nn.Module:
+    """Create a model for `in_chans`-channel images (from published weights with spec.pretrained) and load its
+    weights strictly if a path is given; `on_note`
+    gets the line saying which entry of a weights file was taken or that its classifier was left fresh."""
     kwargs = {"width_mult": spec.width_mult} if spec.width_mult is not None else {}
     kwargs.update(spec.args)
     key = "teacher" if role == "teacher" else "model"
@@ -202,8 +217,12 @@ def build_model(spec, num_classes: int, role: str, needs_weights: bool = True, i
     external = split_source(spec.name)[0] is not None  # timm / torchvision build for any channel count themselves
     if external:
         kwargs["in_chans"] = channels
+        if spec.pretrained is not False:  # published weights, classifier resized, first convolution adapted
+            kwargs["pretrained"] = spec.pretrained
     try:
         model = models.create(spec.name, num_classes=num_classes, **kwargs)
+    except ModelSourceError as err:
+        raise with_config_key(err, key) from None
     except TypeError as err:
         if spec.width_mult is None and not spec.args:
             raise
@@ -219,14 +238,17 @@ def build_model(spec, num_classes: int, role: str, needs_weights: bool = True, i
             raise ConfigError(f"{key}.in_chans={channels}: {err}; give {key}.in_chans=3 with a 3-channel "
                               "dataset") from None
     weights = spec.weights
-    if not weights and role == "teacher" and teacher_candidate(spec.name) is not None:
-        weights = str(teacher_candidate(spec.name))
+    if not weights and role == "teacher":
+        found = teacher_candidate(spec.name, num_classes)
+        weights = str(found) if found is not None else weights
     if weights:
-        models.load_weights(model, weights, model_name=spec.name)
-    elif role == "teacher" and needs_weights:
+        models.load_weights(model, weights, model_name=spec.name, weights_key=spec.weights_key,
+                            reset_classifier=spec.reset_classifier, config_key=key, on_note=on_note)
+    elif role == "teacher" and needs_weights and spec.pretrained is False:
         raise ConfigError(f"teacher.weights is required: a randomly initialised teacher {spec.name!r} teaches "
                           "nothing. Train one with `adakd train model.name=...` and pass its best.pth or last.pth, "
-                          "or set ADAKD_TEACHERS to a folder laid out as <name>_vanilla/ckpt_epoch_240.pth")
+                          "or set ADAKD_TEACHERS to a folder laid out as <name>_vanilla/ckpt_epoch_240.pth"
+                          f"{teacher_fetch_hint(spec.name, num_classes)}")
     return model
 
 
@@ -326,8 +348,10 @@ class Trainer:
     """One run: `Trainer(config).fit()`; `Trainer.resume(run_dir).fit()` continues it exactly."""
 
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None, checkpoint: dict | None = None):
-        self.config = config
         check_names(config)
+        # data.mean / std / image_size left null take the pretrained weights' values; config.yaml records them.
+        config, preprocessing_notes = with_pretrained_preprocessing(config)
+        self.config = config
         run_path = Path(run_dir) if run_dir else Path(config.out_dir) / (config.name or default_run_name(config))
         if checkpoint is None:
             RunDir(run_path).check_new()  # fail before minutes of data loading, not after
@@ -353,18 +377,24 @@ class Trainer:
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         # Grayscale sets train 1-channel models unless model.in_chans says otherwise.
         channels = self.input_shape[0]
-        student = models.staged(build_model(config.model, num_classes, "student", in_chans=channels))
+        # Said once when the run starts (the run folder does not exist yet).
+        self.setup_notes: list[str] = list(preprocessing_notes)
+        # A resumed run's student comes from its checkpoint: its start weights (a file, or published weights that
+        # may need the network) are not read again, so a resume works offline and after the file is gone.
+        student_spec = (config.model if checkpoint is None
+                        else dataclasses.replace(config.model, weights=None, pretrained=False))
+        student = models.staged(build_model(student_spec, num_classes, "student", in_chans=channels,
+                                            on_note=self.setup_notes.append))
         student.to(device, memory_format=memory_format)
         teacher = distiller = None
         scratch = False
         student_spots: list[int] = []
         teacher_spots: list[int] = []
-        self.setup_notes: list[str] = []  # said once when the run starts (the run folder does not exist yet)
         if config.task == "distill":
             # SAKD's scratch-teacher ablation redraws the teacher's weights, so it needs no file.
             scratch = config.strategy.args.get("teacher_init") == "scratch"
             teacher = models.frozen(build_model(config.teacher, num_classes, "teacher", needs_weights=not scratch,
-                                                in_chans=channels))
+                                                in_chans=channels, on_note=self.setup_notes.append))
             teacher.to(device, memory_format=memory_format)
             # The full training set's targets: a held-out split keeps dataset indices, so CRD's rows cover both parts.
             distiller, student_spots, teacher_spots = build_distiller(

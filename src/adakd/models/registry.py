@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from adakd.models.external import available_external, create_external, names, split_source
+from adakd.models.external import available_external, check_external, create_external, split_source
 from adakd.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model")
@@ -28,7 +28,8 @@ def register_model(builder: Callable[..., nn.Module], name: str | None = None) -
 def create(name: str, num_classes: int = 100, **kwargs: Any) -> nn.Module:
     """Build the model `name` with `num_classes` outputs; `model(x)` returns logits.
 
-    `name` is a zoo name or 'timm:<name>' / 'torchvision:<name>' (random init; they also take `in_chans`).
+    `name` is a zoo name or 'timm:<name>' / 'torchvision:<name>' (they also take `in_chans`, and `pretrained`:
+    adakd.models.external).
     """
     source, arch = split_source(name)
     if source is not None:
@@ -48,5 +49,5 @@ def check_name(name: str) -> None:
     source, arch = split_source(name)
     if source is None:
         MODELS.get(name)
-    elif arch not in names(source):
-        create_external(source, arch)  # raises the unknown-name error with its suggestions
+    else:
+        check_external(source, arch)
