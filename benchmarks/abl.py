@@ -20,14 +20,12 @@ from pathlib import Path
 
 import torch
 
-import adakd.distillers as D
-import adakd.models as M
 from adakd.engine.config import OptimConfig
 from adakd.engine.optim import build_optimizers
-from adakd.strategies import LossWeights, Precision, get
+from adakd.strategies import Precision
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distillers import best_of, calibrated  # noqa: E402  (the sibling benchmark's helpers)
+from distillers import best_of, calibrated, cifar_run  # noqa: E402  (the sibling benchmark's helpers)
 
 WARM, META, STAGE2 = 40_000, 10_000, 240 * 782  # specs/abl.md §10: CIFAR-100 iteration counts
 
@@ -35,15 +33,10 @@ WARM, META, STAGE2 = 40_000, 10_000, 240 * 782  # specs/abl.md §10: CIFAR-100 i
 def build_step(method: str, strategy_name: str, args, device: torch.device):
     """A ready strategy on a fixed batch; returns a function running one training step."""
     torch.manual_seed(0)
-    student = M.staged(M.create("resnet20", num_classes=100)).to(device)
-    teacher = M.frozen(calibrated(M.create("resnet56", num_classes=100), args.batch)).to(device)
-    context = D.DistillContext(num_classes=100, train_targets=torch.arange(50_000) % 100)
-    distiller, s_spots, t_spots = D.create(method, student, teacher, (3, 32, 32), context=context)
-    distiller.to(device)
-    defaults = type(distiller).defaults
-    weights = LossWeights(ce=defaults.ce_weight, method=defaults.method_weight)
     options = {"warm_steps": 0, "meta_steps": 10**9} if strategy_name == "abl-search" else {}
-    strategy = get(strategy_name)(student, teacher, distiller, weights, s_spots, t_spots, **options)
+    run = cifar_run(method, strategy_name, device, options=options)
+    calibrated(run.teacher.model, args.batch)
+    strategy = run.strategy
     strategy.attach(build_optimizers(strategy.param_groups(), OptimConfig(), 0.05), Precision(device, False), 1000)
     strategy.train(True)
 

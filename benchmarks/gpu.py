@@ -29,15 +29,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import adakd.distillers as D
 import adakd.models as M
+from adakd.engine.build import build_strategy
 from adakd.engine.config import OptimConfig
+from adakd.engine.distributed import DistInfo
 from adakd.engine.optim import build_optimizers
 from adakd.engine.trainer import compile_networks
-from adakd.strategies import LossWeights, Precision, get
+from adakd.strategies import Precision
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distillers import calibrated  # noqa: E402  (the sibling benchmark's helper)
+from distillers import calibrated, cifar_run  # noqa: E402  (the sibling benchmark's helpers)
 
 # Step name -> (distiller, strategy). ABL's step is stage 2's (the fused step at a fixed p; abl-fixed's p = 0.5).
 STEPS = {"KD": ("kd", "standard"), "AT": ("at", "standard"), "CRD": ("crd", "standard"), "SAKD": ("at", "sakd"),
@@ -77,23 +78,16 @@ def build(step_name: str, batch: int, path: Setup, device: torch.device, teacher
     method, strategy_name = STEPS[step_name]
     torch.manual_seed(0)
     memory_format = torch.channels_last if path.channels_last else torch.contiguous_format
-    student = M.staged(M.create("resnet20", num_classes=100)).to(device, memory_format=memory_format)
-    teacher_model = M.create("resnet56", num_classes=100)
-    teacher_model.load_state_dict(teacher_state)
-    teacher = M.frozen(teacher_model.eval()).to(device, memory_format=memory_format)
-    context = D.DistillContext(num_classes=100, train_targets=torch.arange(CIFAR_IMAGES) % 100)
-    distiller, s_spots, t_spots = D.create(method, student, teacher, (3, 32, 32), context=context)
-    distiller.to(device)
-    defaults = type(distiller).defaults
-    weights = LossWeights(ce=defaults.ce_weight, method=defaults.method_weight,
-                          kl=1.0 if strategy_name == "sakd" else 0.0)  # SAKD runs add the KL term
-    cls = get(strategy_name)
     # As benchmarks/distillers.py: SAKD starts distilling every sample, the worst case for the step time.
     options = {"homo": True, "policy_bias_init": 10.0} if strategy_name == "sakd" else {}
+    run = cifar_run(method, strategy_name, device, kl_weight=1.0 if strategy_name == "sakd" else 0.0,
+                    options=options, channels_last=path.channels_last, parts=("student", "teacher", "distiller"))
+    run.teacher.model.load_state_dict(teacher_state)
+    student = run.student
     wrapped = student
-    if path.ddp:
+    if path.ddp:  # one process in its own group: build_run wraps only a run of several processes
         wrapped = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index])
-    strategy = cls(wrapped, teacher, distiller, weights, s_spots, t_spots, **options)
+    strategy = build_strategy(run.config, run, wrapped, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
     if path.compile:
         compile_networks(strategy, device, lambda text: notes.append(f"{step_name} {batch} {path.name}: {text}"))
     strategy.attach(build_optimizers(strategy.param_groups(), OptimConfig(), 0.05), precision_for(path, device),

@@ -1,6 +1,7 @@
 """Shared fixtures; an autouse guard makes any network connection fail loudly."""
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -87,3 +88,24 @@ def hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+@pytest.fixture
+def random_teacher(tmp_path):
+    """Writes a randomly initialised zoo teacher's checkpoint: `random_teacher(name="resnet8", path=None,
+    num_classes=10, seed=None, epoch=None)` returns its path (default tmp_path / "<name>_teacher.pth")."""
+    from tiny_run import save_random_teacher  # tests/ is on sys.path
+
+    def write(name: str = "resnet8", path=None, num_classes: int = 10, *, seed=None, epoch=None):
+        target = tmp_path / f"{name}_teacher.pth" if path is None else path
+        return save_random_teacher(target, name, num_classes, seed=seed, epoch=epoch)
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def no_data_env(monkeypatch):
+    """No dataset folder from the developer's environment: every ADAKD_DATA* variable (ADAKD_DATA, and
+    ADAKD_DATA_<NAME> for each dataset, present or future) is unset, so a test reads only the folders it names."""
+    for name in [key for key in os.environ if key.startswith("ADAKD_DATA")]:
+        monkeypatch.delenv(name)

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# the benchmarks: every method and step timed in subprocesses; the inner loop `python -m pytest -m "not slow"` skips this file.
+pytestmark = pytest.mark.slow
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

@@ -3,7 +3,6 @@ presets, plot, decisions."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import signal
 import sys
 import threading
@@ -202,7 +201,7 @@ def _eval(args: argparse.Namespace) -> int:
     from adakd.engine.distributed import pick_device
     from adakd.engine.loop import evaluate, top5_text
     from adakd.engine.preprocessing import with_pretrained_preprocessing
-    from adakd.engine.trainer import build_model, load_data
+    from adakd.engine.build import build_run
     from adakd.models.checkpoint import CheckpointError
 
     target = Path(args.target)
@@ -228,11 +227,10 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         # A run folder's config already holds the preprocessing it trained with; a preset does not.
         config = with_pretrained_preprocessing(resolve(["cifar100", *args.preset], None, overrides))[0]
-    test_set = load_data(config, "test")
     # Built by training's own builder (input channels, width multiplier, model.args, timm/torchvision source), so
     # what eval scores cannot drift from what was trained; the checkpoint given here replaces any start weights.
-    spec = dataclasses.replace(config.model, weights=None, pretrained=False)
-    model = build_model(spec, test_set.num_classes, "student", in_chans=test_set[0][0].shape[0])
+    run = build_run(config, parts=("test", "student"), start_weights=())
+    test_set, model = run.test_set, run.student.model
     # A run's own checkpoint keeps the student under 'model'; model.weights_key chose among the entries of the file
     # the run started from, so it applies only to a checkpoint file given here.
     models.load_weights(model, weights, model_name=config.model.name, config_key="model", on_note=print,

@@ -1,4 +1,4 @@
-"""Tiny datasets written in the real on-disk formats (the socket guard is in tests/conftest.py)."""
+"""Tiny datasets written in the real on-disk formats (the socket guard and no_data_env are in tests/conftest.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,15 +6,6 @@ from pathlib import Path
 import pytest
 
 from fake_data_files import cifar_split, write_jpeg, write_pickle
-
-
-@pytest.fixture(autouse=True)
-def no_data_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A user's real ADAKD_DATA* variables must not leak into root resolution."""
-    for name in ("ADAKD_DATA", "ADAKD_DATA_CIFAR100", "ADAKD_DATA_TINY_IMAGENET", "ADAKD_DATA_IMAGENET",
-                 "ADAKD_DATA_FOLDER", "ADAKD_DATA_MNIST", "ADAKD_DATA_FASHION_MNIST", "ADAKD_DATA_SVHN",
-                 "ADAKD_DATA_STL10"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture

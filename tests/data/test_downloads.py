@@ -308,6 +308,7 @@ print(len(load_dataset("cifar100", "train", root=sys.argv[1], download=True, mir
 """
 
 
+@pytest.mark.slow  # two processes racing for one download (29 s on 2 cores)
 def test_two_runs_starting_at_once_download_once_and_both_load(serve, file_server, tmp_path):
     serve("cifar100")
     archive = file_server.files["cifar-100-python.tar.gz"]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from adakd.distillers.base import DistillContext
 from adakd.distillers.crd import CRD, CRDConfig
+
+# two processes in a gloo group; the inner loop `python -m pytest -m "not slow"` skips this file.
+pytestmark = pytest.mark.slow
 
 TARGETS = torch.tensor([0, 1, 2, 0, 1, 0, 2, 1])
 CONFIG = CRDConfig(feat_dim=4, num_negatives=3, temperature=0.5, momentum=0.5)

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from adakd import models
 from adakd.cli import main
 from adakd.engine.abl_pipeline import run_pipeline
 from adakd.engine.config import resolve
 from adakd.engine.trainer import Trainer
+from tiny_run import save_random_teacher
 
 FAST = ["data.image_size=16", "data.train_size=192", "data.batch_size=32", "log.progress=false",
         "log.tensorboard=false", "deterministic=true", "task=distill", "model.name=resnet8",
@@ -21,8 +21,7 @@ FAST = ["data.image_size=16", "data.train_size=192", "data.batch_size=32", "log.
 def teacher_file(tmp_path):
     path = tmp_path / "teacher.pth"
     if not path.exists():
-        torch.manual_seed(123)
-        torch.save({"model": models.create("resnet8", num_classes=10).state_dict()}, path)
+        save_random_teacher(path, seed=123)
     return path
 
 
@@ -114,6 +113,7 @@ def trained_teacher(tmp_path):
     return tmp_path / "teacher" / "last.pth"
 
 
+@pytest.mark.slow  # two runs (search, final), then resumed
 def test_pipeline_runs_both_stages_learns_and_resumes(tmp_path, capsys):
     argv = ["abl", "--preset", "demo", f"out_dir={tmp_path}", "name=pipe", *FAST[1:],
             f"teacher.weights={trained_teacher(tmp_path)}", "data.train_size=null", "strategy.args.warm_steps=10",

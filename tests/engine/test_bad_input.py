@@ -19,9 +19,9 @@ from PIL import Image
 from adakd import models
 from adakd.cli import main
 from cli_checks import fails, snapshot
+from tiny_run import TINY_RUN, save_random_teacher
 
-FAST = ["--preset", "demo", "data.image_size=8", "data.train_size=64", "data.batch_size=32", "log.progress=false",
-        "log.tensorboard=false", "optim.milestones=[]", "optim.epochs=1", "model.name=resnet8"]
+FAST = ["--preset", "demo", *TINY_RUN]
 
 
 
@@ -33,8 +33,7 @@ def run_argv(tmp_path: Path, *extra: str, command: str = "train", name: str = "r
 
 
 def weights(path: Path, name: str = "resnet8") -> Path:
-    torch.save({"epoch": 240, "model": models.create(name, num_classes=10).state_dict()}, path)
-    return path
+    return save_random_teacher(path, name, epoch=240)
 
 
 class Payload:

@@ -13,10 +13,13 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from adakd import models
 from adakd.engine import trainer as trainer_module
 from adakd.engine.config import ConfigError, resolve
 from adakd.engine.trainer import Trainer
+from tiny_run import save_random_teacher
+
+# torch.compile of every method and strategy; the inner loop `python -m pytest -m "not slow"` skips this file.
+pytestmark = pytest.mark.slow
 
 METHODS = ("kd", "at", "crd")
 STRATEGIES = ("standard", "sakd", "abl")
@@ -28,10 +31,7 @@ STRATEGY_ARGS = {"abl": ["strategy.args.p1=[0.3,0.6]"]}  # stage 2 at a given p 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "resnet8.pth"
-    torch.manual_seed(1)
-    torch.save({"model": models.create("resnet8", num_classes=10).state_dict()}, path)
-    return path
+    return save_random_teacher(tmp_path_factory.mktemp("teacher") / "resnet8.pth", seed=1)
 
 
 def config(tmp_path, teacher, method, strategy, compile_, name, epochs=STEPS):

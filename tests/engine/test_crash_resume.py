@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import TINY_RUN, save_random_teacher
 
-from adakd import models
+# many training processes, each killed and resumed; the inner loop `python -m pytest -m "not slow"` skips this file.
+pytestmark = pytest.mark.slow
 
 WRAPPER = r'''
 import io, os, signal, sys
@@ -122,8 +124,7 @@ for line in sys.stdin:
 '''
 
 KILLED = -signal.SIGKILL  # the exit code of a process ended by SIGKILL
-FAST = ["data.image_size=8", "data.train_size=96", "data.batch_size=32", "deterministic=true",
-        "log.tensorboard=false", "log.progress=false", "optim.epochs=3", "optim.milestones=[2]", "model.name=resnet8"]
+FAST = [*TINY_RUN, "data.train_size=96", "optim.epochs=3", "optim.milestones=[2]", "deterministic=true"]
 STEPS_PER_EPOCH = 3  # 96 images / batch 32; ABL trains on ~48 (half held out) in batches of 16
 DISTILL = ["teacher.name=resnet8"]
 STRATEGIES = {
@@ -173,8 +174,7 @@ def launch():
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     path = tmp_path_factory.mktemp("crash")
-    torch.manual_seed(123)
-    torch.save({"model": models.create("resnet8", num_classes=10).state_dict()}, path / "teacher.pth")
+    save_random_teacher(path / "teacher.pth", seed=123)
     return path
 
 

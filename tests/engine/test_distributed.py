@@ -12,6 +12,9 @@ import torch
 
 from adakd import models
 
+# DDP runs under torchrun; the inner loop `python -m pytest -m "not slow"` skips this file.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")

@@ -19,9 +19,9 @@ from adakd.engine.config import from_dict, resolve
 from adakd.engine.export import count_macs, export_student
 from adakd.models.layers import with_input_channels
 from cli_checks import fails, snapshot
+from tiny_run import TINY_RUN, save_random_teacher
 
-QUICK = ["--preset", "demo", "data.image_size=8", "data.train_size=64", "data.batch_size=32", "log.progress=false",
-         "log.tensorboard=false", "optim.milestones=[]", "optim.epochs=1", "model.name=resnet8", "threads=1"]
+QUICK = ["--preset", "demo", *TINY_RUN, "threads=1"]
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -29,7 +29,7 @@ def make_run(out: Path, name: str, *overrides: str, task: str = "distill") -> Pa
     """A one-epoch run on the embedded digits (a distillation under a random resnet14 teacher unless task=train)."""
     teacher = out / "resnet14_teacher.pth"
     if task == "distill" and not teacher.is_file():
-        torch.save({"epoch": 240, "model": models.create("resnet14", num_classes=10).state_dict()}, teacher)
+        save_random_teacher(teacher, "resnet14", epoch=240)
     teacher_args = ["teacher.name=resnet14", f"teacher.weights={teacher}"] if task == "distill" else []
     assert main([task, *QUICK, f"out_dir={out}", f"name={name}", *teacher_args, *overrides]) == 0
     return out / name

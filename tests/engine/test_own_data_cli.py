@@ -19,17 +19,11 @@ from models.test_external import _CrossingSkip, _DataDependent, _Plain  # the sa
 from adakd import models
 from adakd.cli import main
 from adakd.models.registry import MODELS
+from tiny_run import save_random_teacher
 
 QUICK = ["log.progress=false", "log.tensorboard=false", "data.batch_size=8", "data.num_workers=0",
          "optim.milestones=[]", "epochs=1"]
 IMAGES, LABELS = 0x803, 0x801
-
-
-@pytest.fixture(autouse=True)
-def no_data_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A user's real ADAKD_DATA* variables must not point the runs at real data."""
-    for name in ("ADAKD_DATA", "ADAKD_DATA_FOLDER", "ADAKD_DATA_MNIST", "ADAKD_DATA_FASHION_MNIST"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def fails(capsys, argv: list[str], out_dir: Path, *phrases: str) -> str:
@@ -44,8 +38,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def resnet8_weights(path: Path, num_classes: int) -> Path:
-    torch.save({"model": models.create("resnet8", num_classes=num_classes).state_dict()}, path)
-    return path
+    return save_random_teacher(path, num_classes=num_classes)
 
 
 # ------------------------------------------------------------------------------------------------------ models

@@ -10,9 +10,8 @@ from adakd import models
 from adakd.engine.config import resolve
 from adakd.engine.trainer import Trainer
 from adakd.models.layers import with_input_channels
+from tiny_run import TINY_RUN
 
-QUICK = ["data.image_size=8", "data.train_size=64", "model.name=resnet8", "log.progress=false",
-         "log.tensorboard=false"]
 def test_threads_sets_the_cpu_threads_of_the_run(tmp_path):
     before = torch.get_num_threads()
     try:
@@ -24,8 +23,8 @@ def test_threads_sets_the_cpu_threads_of_the_run(tmp_path):
 
 
 def test_eval_every_scores_every_nth_epoch_and_always_the_last(tmp_path):
-    trainer = Trainer(resolve(["cifar100", "demo"], None, [f"out_dir={tmp_path}", "name=r", "epochs=5",
-                                                           "log.eval_every=2", *QUICK]))
+    trainer = Trainer(resolve(["cifar100", "demo"], None, [f"out_dir={tmp_path}", "name=r", *TINY_RUN, "epochs=5",
+                                                           "log.eval_every=2"]))
     summary = trainer.fit()
     rows = list(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
     scored = [int(r["epoch"]) for r in rows if r.get("test/acc1")]
@@ -60,7 +59,7 @@ def test_a_grayscale_dataset_trains_one_channel_models(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "_MODULES", dict(data._MODULES))  # the registration ends with the test
     data.register_dataset("gray", gray_digits, info={**data.dataset_info("digits"), "channels": 1})
-    trainer = Trainer(resolve(["cifar100", "demo"], None, [f"out_dir={tmp_path}", "name=g", "epochs=1",
-                                                           "data.name=gray", *QUICK]))
+    trainer = Trainer(resolve(["cifar100", "demo"], None, [f"out_dir={tmp_path}", "name=g", *TINY_RUN,
+                                                           "data.name=gray"]))
     assert trainer.student.model.conv1.weight.shape[1] == 1
     assert trainer.fit()["last_acc1"] > 0

@@ -159,6 +159,7 @@ def test_changed_cell_config_is_refused(tmp_path):
     sweep.check_unchanged(plan(source, label, out, ["epochs=2"]))
 
 
+@pytest.mark.slow  # a real sweep, run three times
 def test_failed_cell_is_listed_not_retried_unless_asked(tmp_path, capsys):
     grid = {**GRID, "axes": {"method": ["kd"], "strategy": ["standard"]}, "seeds": 1, "baselines": [],
             # Valid as a config, refused when the run builds its distiller: the cell fails at run time.
@@ -192,6 +193,7 @@ def test_submitit_local_executor_runs_a_grid(tmp_path):
     assert any((root / "slurm").rglob("*_log.out"))  # submitit's own job logs
 
 
+@pytest.mark.slow  # plans every shipped grid (35 s on 2 cores)
 def test_every_shipped_grid_validates_and_carries_its_paper_numbers(capsys):
     assert {"demo", "fmnist-study", "sakd-table3", "sakd-table4", "sakd-table5", "sakd-table6", "sakd-table7",
             "sakd-table8", "abl-table8", "crd-same", "crd-cross", "dkd", "dkd-imagenet"} <= set(grid_names())

@@ -20,6 +20,7 @@ from adakd.engine.launch import prepare
 from adakd.engine.sweep import Sweep, load_grid, plan
 from adakd.engine.sweep_lock import SweepBusyError, SweepLock
 from cli_checks import fails
+from tiny_run import save_random_teacher
 
 
 def teacher_cells(cells):
@@ -87,8 +88,7 @@ def write(path, grid):
 
 
 def state_dict_file(path, name="resnet8"):
-    torch.save({"model": models.create(name, num_classes=10).state_dict()}, path)
-    return path
+    return save_random_teacher(path, name)
 
 
 
@@ -115,6 +115,7 @@ def test_bad_teacher_is_refused_with_the_plan_and_nothing_is_written(tmp_path, c
     assert not marker.exists() and not out.exists()
 
 
+@pytest.mark.slow  # a real sweep, run twice
 def test_a_failed_cell_whose_teacher_path_was_fixed_starts_again(tmp_path, capsys):
     """Cells that failed on a wrong teacher (as before the plan checked teachers): a re-run with the corrected
     --teacher restarts them instead of listing the old failures."""

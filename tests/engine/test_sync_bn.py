@@ -122,6 +122,7 @@ def _two_rank_worker(rank: int, init: str, x: torch.Tensor, grad: torch.Tensor, 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes in a gloo group
 def test_two_gloo_ranks_equal_one_batchnorm_on_the_whole_batch(tmp_path):
     x = torch.randn(8, 3, 4, 4, dtype=torch.float64) * 2 + 1
     grad = torch.randn_like(x)

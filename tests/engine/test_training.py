@@ -14,9 +14,9 @@ from adakd.engine import checkpoint as run_checkpoint
 from adakd.engine.config import resolve
 from adakd.engine.runs import RunDirError
 from adakd.engine.trainer import Trainer
+from tiny_run import TINY_RUN, save_random_teacher
 
-FAST = ["data.image_size=8", "data.train_size=192", "data.batch_size=32", "log.progress=false",
-        "log.tensorboard=false", "optim.milestones=[]", "deterministic=true"]
+FAST = [*TINY_RUN, "data.train_size=192", "deterministic=true"]
 
 
 def config(tmp_path, *overrides, name="run"):
@@ -24,9 +24,7 @@ def config(tmp_path, *overrides, name="run"):
 
 
 def teacher_file(tmp_path, name="resnet14"):
-    path = tmp_path / f"{name}_teacher.pth"
-    torch.save({"epoch": 240, "model": models.create(name, num_classes=10).state_dict()}, path)
-    return path
+    return save_random_teacher(tmp_path / f"{name}_teacher.pth", name, epoch=240)
 
 
 def test_training_on_digits_learns(tmp_path):

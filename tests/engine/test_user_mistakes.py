@@ -9,14 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from test_bad_input import FAST, distill_argv, fails, run_argv, snapshot
 
-from adakd import models
 from adakd.cli import main
 from adakd.engine.config import resolve
 from adakd.engine.optim import lr_at
 from adakd.engine.trainer import Trainer
+from tiny_run import save_random_teacher
 
 
 @pytest.mark.parametrize("extra, named", [
@@ -97,10 +96,7 @@ def test_git_commit_is_recorded_from_an_editable_checkout(monkeypatch, tmp_path)
 def teacher_file(tmp_path: Path, trained: bool) -> Path:
     """A resnet8 on the 8-pixel digits: random, or trained 4 epochs (about 70 % top-1)."""
     if not trained:
-        torch.manual_seed(5)
-        path = tmp_path / "random.pth"
-        torch.save({"model": models.create("resnet8", num_classes=10).state_dict()}, path)
-        return path
+        return save_random_teacher(tmp_path / "random.pth", seed=5)
     argv = ["train", *FAST, "data.train_size=null", "optim.epochs=4", f"out_dir={tmp_path}", "name=teacher"]
     assert main(argv) == 0
     return tmp_path / "teacher" / "last.pth"

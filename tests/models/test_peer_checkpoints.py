@@ -28,9 +28,9 @@ from adakd.cli import main
 from adakd.models.checkpoint import (DATA_ONLY_GLOBALS, CheckpointError, classifier_keys, load_state_dict_file,
                                      load_weights)
 from cli_checks import fails
+from tiny_run import TINY_RUN
 
-FAST = ["--preset", "demo", "data.image_size=8", "data.train_size=64", "data.batch_size=32", "log.progress=false",
-        "log.tensorboard=false", "optim.milestones=[]", "optim.epochs=1", "model.name=resnet8"]
+FAST = ["--preset", "demo", *TINY_RUN]
 EVAL = ["model.name=resnet8", "data.name=digits", "data.image_size=8", "data.num_workers=0"]
 
 

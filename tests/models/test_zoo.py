@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from adakd import models
 from adakd.models.checkpoint import CheckpointError
 from adakd.registry import UnknownNameError
+from tiny_run import save_random_teacher
 
 ZOO_TSV = Path(__file__).with_name("model_zoo.tsv")
 # Families whose stage outputs are post-ReLU, so their pre-activations differ from the features.
@@ -173,7 +174,7 @@ def test_checkpoint_of_another_architecture_is_refused(
     saved: str, loaded: str, named_keys: list[str], tmp_path: Path
 ) -> None:
     path = tmp_path / "other.pth"
-    torch.save({"epoch": 240, "model": models.create(saved, num_classes=100).state_dict()}, path)
+    save_random_teacher(path, saved, num_classes=100, epoch=240)
     with pytest.raises(CheckpointError) as error:
         models.load_weights(models.create(loaded, num_classes=100), path)
     for key in named_keys:

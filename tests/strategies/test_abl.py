@@ -14,7 +14,7 @@ from adakd.data.split import endless, stratified_split
 from adakd.distillers.base import DistillContext
 from adakd.engine.config import OptimConfig
 from adakd.engine.optim import build_optimizers
-from adakd.strategies.abl import block_plan, sgd_next
+from adakd.strategies.abl_blocks import block_plan, sgd_next
 from adakd.strategies.base import LossWeights
 
 CLASSES = 5
@@ -625,7 +625,8 @@ def test_fused_step_gradients_equal_the_separate_parts(method, aux_grad):
 def test_search_scale_shortens_the_search_and_keeps_how_far_gamma_can_move():
     import dataclasses
 
-    from adakd.strategies.abl import ABLOptions, steps_budget
+    from adakd.strategies.abl_options import ABLOptions
+    from adakd.strategies.abl_search import steps_budget
 
     paper, scaled = ABLOptions(), ABLOptions(search_scale=0.01)
     assert (scaled.warm_steps, scaled.meta_steps, scaled.early_stop_window) == (400, 100, 20)

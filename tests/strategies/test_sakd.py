@@ -16,6 +16,7 @@ from adakd.engine.optim import MultiStepSchedule, build_optimizers
 from adakd.engine.trainer import Trainer
 from adakd.strategies.base import LossWeights, Precision
 from adakd.strategies.sakd import at_least_float32, gumbel_noise, gumbel_softmax_st, routing_loss, tau_at
+from tiny_run import save_random_teacher
 
 SIZE = 16
 ADAPTIVE = ("sakd", "sakd-faithful", "anti")
@@ -525,7 +526,7 @@ def test_teacher_stays_in_eval():
 def engine_config(tmp_path, name, *extra):
     path = tmp_path / "teacher.pth"
     if not path.exists():
-        torch.save({"model": models.create("resnet14", num_classes=10).state_dict()}, path)
+        save_random_teacher(path, "resnet14")
     return resolve(["cifar100", "demo"], overrides=[
         f"out_dir={tmp_path}", f"name={name}", "task=distill", "strategy=sakd", "distill.kl_weight=1",
         "model.name=resnet8", "teacher.name=resnet14", f"teacher.weights={path}", "data.image_size=16",

@@ -16,6 +16,7 @@ from adakd.engine.optim import MultiStepSchedule, build_optimizers
 from adakd.engine.trainer import Trainer
 from adakd.strategies.base import LossWeights, Precision
 from adakd.strategies.sakd import both_script_agent_lr
+from tiny_run import save_random_teacher
 
 SIZE = 16
 LR = 0.05
@@ -287,7 +288,7 @@ def test_routing_with_the_teacher_forward_gives_the_same_numbers(name, method):
 def engine_config(tmp_path, name, *extra):
     path = tmp_path / "teacher.pth"
     if not path.exists():
-        torch.save({"model": models.create("resnet14", num_classes=10).state_dict()}, path)
+        save_random_teacher(path, "resnet14")
     return resolve(["cifar100", "demo", "sakd-faithful-trainable-teacher"], overrides=[
         f"out_dir={tmp_path}", f"name={name}", "task=distill", "method=at", "model.name=resnet8",
         "teacher.name=resnet14", f"teacher.weights={path}", "data.image_size=16", "optim.epochs=2",

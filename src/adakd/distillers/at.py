@@ -45,7 +45,7 @@ class ATConfig:
     p: float = 2.0
 
 
-@register_distiller("at")
+@register_distiller("at", tags=("classic",))
 class AT(Distiller):
     """Attention transfer at every body stage, one term per stage; weights CE 1, AT 1000 (recipes.md §3).
 

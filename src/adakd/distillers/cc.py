@@ -52,7 +52,7 @@ class CCConfig:
     teacher_embed_trainable: bool = True
 
 
-@register_distiller("cc")
+@register_distiller("cc", tags=("classic",))
 class CC(Distiller):
     """Correlation congruence on Linear(d -> embed_dim) embeddings of the pooled vectors of student and teacher."""
 

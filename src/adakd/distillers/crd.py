@@ -78,7 +78,7 @@ class CRDConfig:
     momentum: float = 0.5
 
 
-@register_distiller("crd")
+@register_distiller("crd", tags=("classic",))
 class CRD(Distiller):
     """Contrastive distillation of the pooled vector against two memory banks of past embeddings.
 

@@ -67,7 +67,7 @@ class DKDConfig:
     warmup_epochs: int = 20
 
 
-@register_distiller("dkd")
+@register_distiller("dkd", tags=("classic",))
 class DKD(Distiller):
     """Decoupled KD at the logits spot; weights CE 1, DKD 1 (alpha and beta are internal, recipes.md §3)."""
 

@@ -27,7 +27,7 @@ class FitNetsConfig:
     """FitNets has no internal hyper-parameters; its regressor is built from the measured shapes."""
 
 
-@register_distiller("fitnets")
+@register_distiller("fitnets", tags=("classic",))
 class FitNets(Distiller):
     """Hint learning at f2 through a ConvReg regressor per spot; weights CE 1, hint 100 (recipes.md §3)."""
 

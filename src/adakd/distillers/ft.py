@@ -73,7 +73,7 @@ class FTConfig:
             raise ValueError(f"ft empty_selection must be one of {EMPTY_SELECTION}, not {self.empty_selection!r}")
 
 
-@register_distiller("ft")
+@register_distiller("ft", tags=("classic",))
 class FT(Distiller):
     """Factor transfer at f_{L-2}; weights CE 1, FT 200; the paraphraser is pre-trained, then frozen."""
 

@@ -34,7 +34,7 @@ class KDConfig:
     temperature: float = 4.0
 
 
-@register_distiller("kd")
+@register_distiller("kd", tags=("classic",))
 class KD(Distiller):
     """Vanilla logit distillation at the logits spot; the field's weights are CE 0.1 and KD 0.9."""
 

@@ -37,7 +37,7 @@ class NSTConfig:
     """NST has no internal hyper-parameters (polynomial kernel of degree 2, no offset, as in the CRD benchmark)."""
 
 
-@register_distiller("nst")
+@register_distiller("nst", tags=("classic",))
 class NST(Distiller):
     """Neuron selectivity transfer at every body stage, one term per stage; weights CE 1, NST 50 (recipes.md §3)."""
 

@@ -55,7 +55,7 @@ class PKTConfig:
     eps: float = 1e-7
 
 
-@register_distiller("pkt")
+@register_distiller("pkt", tags=("classic",))
 class PKT(Distiller):
     """Probabilistic knowledge transfer on the pooled vector; a mask selects the sub-batch whose relations count."""
 

@@ -86,7 +86,7 @@ class ReviewKDConfig:
     student_preact: bool = False
 
 
-@register_distiller("reviewkd")
+@register_distiller("reviewkd", tags=("classic",))
 class ReviewKD(Distiller):
     """Student levels fused deepest first by ABF blocks, each matched to the teacher level by HCL.
 

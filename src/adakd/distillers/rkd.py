@@ -78,7 +78,7 @@ class RKDConfig:
     eps: float = 1e-12
 
 
-@register_distiller("rkd")
+@register_distiller("rkd", tags=("classic",))
 class RKD(Distiller):
     """Distance- and angle-wise relations on the pooled vector; a mask selects the sub-batch whose relations count."""
 

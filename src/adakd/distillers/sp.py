@@ -42,7 +42,7 @@ class SPConfig:
     """SP has no internal hyper-parameters."""
 
 
-@register_distiller("sp")
+@register_distiller("sp", tags=("classic",))
 class SP(Distiller):
     """Similarity preservation at the last body stage f_{L-2}; a mask selects the sub-batch whose relations count."""
 

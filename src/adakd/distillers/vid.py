@@ -44,7 +44,7 @@ def _regressor(in_channels: int, mid_channels: int, out_channels: int) -> nn.Seq
     )
 
 
-@register_distiller("vid")
+@register_distiller("vid", tags=("classic",))
 class VID(Distiller):
     """Variational information distillation at every body stage, one regressor and variance vector per spot."""
 

@@ -1,6 +1,6 @@
 """`adakd export RUN`: the student of a run alone (safetensors, TorchScript or ONNX) and a model card beside it.
 
-The student is rebuilt by training's own builder (`trainer.build_model`) and loaded strictly from the run
+The student is rebuilt by training's own builder (`build.build_run`) and loaded strictly from the run
 checkpoint's `model` entry, which holds the student network's own state_dict: the teacher, the distiller's parts,
 a strategy's heads or policy (ABL, SAKD) and the optimiser live under other entries and are never written. So the
 exported keys are exactly those the student's source builds (timm, torchvision or adakd's zoo).
@@ -157,7 +157,7 @@ def _dataset_facts(config, run_dir: Path) -> dict[str, Any]:
     """Classes, input shape and normalisation of the run's data, from its test split on disk (never downloaded);
     without the files, what the dataset knows of itself (no class names then)."""
     from adakd import data as datasets
-    from adakd.engine.trainer import load_data
+    from adakd.engine.build import load_data
 
     # Export never downloads a dataset just to read its class names.
     if "download" in {f.name for f in dataclasses.fields(config.data)}:
@@ -182,15 +182,6 @@ def _dataset_facts(config, run_dir: Path) -> dict[str, Any]:
     return {"classes": list(test_set.classes), "num_classes": test_set.num_classes,
             "input_shape": tuple(test_set[0][0].shape), "mean": list(mean) if mean else None,
             "std": list(std) if std else None, "images": images, "note": None}
-
-
-def _build(spec, num_classes: int, in_chans: int) -> nn.Module:
-    """The network `spec` names, built exactly as training built it, with no weights loaded (they come next)."""
-    from adakd.engine.trainer import build_model
-
-    # role "student": a teacher built here only for its size must not look for weight files.
-    return build_model(dataclasses.replace(spec, weights=None, pretrained=False), num_classes, "student",
-                       in_chans=in_chans)
 
 
 def _accuracies(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
@@ -320,9 +311,9 @@ def export_student(run_dir: str | os.PathLike, checkpoint: str = "last", format:
                    latency_runs: int = 5) -> Path:
     """Write a run's student alone as safetensors, TorchScript or ONNX, with its model card (.json, .md) beside it;
     returns the exported file's path. `latency_batch=0` skips the latency measurement."""
+    from adakd.engine.build import build_run, teacher_candidate
     from adakd.engine.checkpoint import load_run_checkpoint
     from adakd.engine.config import from_dict, to_dict
-    from adakd.engine.trainer import teacher_candidate
     from adakd.models.checkpoint import describe_mismatch
 
     run_dir = Path(run_dir)
@@ -340,7 +331,11 @@ def export_student(run_dir: str | os.PathLike, checkpoint: str = "last", format:
     out_path = _output_path(run_dir, config.model.name, checkpoint, fmt, out_path, force)
     facts = _dataset_facts(config, run_dir)
     input_shape, num_classes = facts["input_shape"], facts["num_classes"]
-    student = _build(config.model, num_classes, input_shape[0])
+    # The student (and a distilled run's teacher, only for its size) built exactly as training built them, with no
+    # weights: the student's come from the checkpoint next.
+    run = build_run(config, parts=("student", "teacher"), start_weights=(), num_classes=num_classes,
+                    input_shape=tuple(input_shape))
+    student = run.student.model
     try:
         student.load_state_dict(state["model"], strict=True)
     except RuntimeError:
@@ -373,7 +368,7 @@ def export_student(run_dir: str | os.PathLike, checkpoint: str = "last", format:
     if latency_batch:
         card["student"]["cpu_latency"] = cpu_latency(student, input_shape, latency_batch, latency_runs)
     if config.task == "distill":
-        teacher = _build(config.teacher, num_classes, input_shape[0]).eval()
+        teacher = run.teacher.model.eval()
         weights = config.teacher.weights
         if not weights:  # training took the published teacher it found; the card names that file
             try:

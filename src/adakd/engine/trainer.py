@@ -1,7 +1,7 @@
-"""Build a run from its config and train it: data, models, distiller, strategy, loop, checkpoints."""
+"""Train one run: its lifecycle (fit, epochs, checkpoints, resume) around what engine/build.py builds, and the
+machine-dependent settings of a run (threads, compile)."""
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import math
 import os
@@ -16,21 +16,20 @@ from torch import nn
 
 import adakd
 from adakd import data as datasets
-from adakd import distillers, models, strategies
-from adakd.distillers.base import DistillContext
 from adakd.engine import distributed
+# build's names stay importable from here (sweeps, launchers, `adakd teachers verify` import them from the trainer).
+from adakd.engine.build import (Run, build_distiller, build_model, build_run, check_names, load_data,  # noqa: F401
+                                teacher_candidate, teacher_fetch_hint)
 from adakd.engine.checkpoint import FORMAT, load_run_checkpoint, rng_state, save_atomic, set_rng_state
 from adakd.engine.config import ConfigError, RunConfig, to_dict
 from adakd.engine.loop import evaluate, top5_text, train_one_epoch
-from adakd.engine.pretrain import freeze_pretrain_parts, pretrain
+from adakd.engine.pretrain import pretrain
 from adakd.engine.optim import MultiStepSchedule, base_lr, build_optimizers, lr_at
 from adakd.engine.resumable import clear_unfinished
 from adakd.engine.runs import DiskFullError, RunDir, RunDirError, disk_full
-from adakd.data.split import endless, stratified_split, subset
-from adakd.engine.preprocessing import with_normalisation, with_pretrained_preprocessing
-from adakd.models.external import ModelSourceError, split_source, with_config_key
-from adakd.models.layers import with_input_channels
-from adakd.strategies.base import LossWeights, Precision, Strategy
+from adakd.data.split import endless
+from adakd.engine.preprocessing import with_pretrained_preprocessing
+from adakd.strategies.base import Precision, Strategy
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -153,132 +152,6 @@ def default_run_name(config: RunConfig) -> str:
             f"_{config.strategy.name}_seed{config.seed}")
 
 
-def load_data(config: RunConfig, split: str):
-    """The dataset of a split, optionally cut to the first `data.train_size` training samples."""
-    options: dict[str, Any] = {}
-    if config.data.image_size is not None:
-        options["image_size"] = config.data.image_size
-    if config.data.name == "tiny-imagenet":
-        options["tiny_aug"] = config.data.tiny_aug
-    if config.data.in_memory is not None:
-        options["in_memory"] = config.data.in_memory
-    try:
-        dataset = datasets.load_dataset(config.data.name, split, root=config.data.root,
-                                        download=config.data.download, mirror=config.data.mirror, **options)
-    except TypeError as err:  # an option the dataset does not take
-        if "in_memory" not in str(err):
-            raise
-        raise ConfigError(f"data.in_memory applies to folder datasets, not {config.data.name}; remove it") from None
-    except (MemoryError, RuntimeError) as err:  # torch's allocator refuses a set resized beyond the machine's memory
-        if config.data.image_size is None or not isinstance(err, MemoryError) and "alloc" not in str(err):
-            raise
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"data.image_size={config.data.image_size}: the {split} split of {config.data.name} at "
-                          f"that size does not fit in memory ({reason[:160]}); lower data.image_size") from None
-    dataset = with_normalisation(dataset, config.data.mean, config.data.std, config.data.name)
-    size = config.data.train_size
-    if split == "train" and size is not None:
-        if not isinstance(dataset, datasets.ArrayDataset):
-            raise ConfigError(f"data.train_size works only for datasets held in memory, and {config.data.name} "
-                              "streams from disk here; for a folder set give data.in_memory=true, or remove "
-                              "data.train_size")
-        dataset = datasets.ArrayDataset(
-            dataset.images[:size], dataset.targets[:size], classes=dataset.classes, mean=dataset.mean,
-            std=dataset.std, augment=dataset.augment, crop_padding=dataset.crop_padding)
-    return dataset
-
-
-def teacher_candidate(name: str, num_classes: int | None = None) -> Path | None:
-    """The teacher file used when teacher.weights is not given: <dir>/<name>_vanilla/ckpt_epoch_240.pth (the CRD
-    benchmark's layout) under $ADAKD_TEACHERS or where `adakd teachers fetch` puts it, or a fetched torchvision
-    teacher; None when there is none. A fetched file changed since its fetch raises (models.teachers.TeacherError)."""
-    from adakd.models.teachers import candidate
-
-    return candidate(name, num_classes)
-
-
-def teacher_fetch_hint(name: str, num_classes: int | None = None) -> str:
-    """', or fetch the published one with `adakd teachers fetch NAME`' when NAME is a published teacher of
-    `num_classes` classes ('' otherwise)."""
-    from adakd.models.teachers import fetch_hint
-
-    return fetch_hint(name, num_classes)
-
-
-def build_model(spec, num_classes: int, role: str, needs_weights: bool = True, in_chans: int = 3,
-                on_note: Callable[[str], None] | None = None) -> torch.nn.Module:
-    """Create a model for `in_chans`-channel images (from published weights with spec.pretrained) and load its
-    weights strictly if a path is given; `on_note`
-    gets the line saying which entry of a weights file was taken or that its classifier was left fresh."""
-    kwargs = {"width_mult": spec.width_mult} if spec.width_mult is not None else {}
-    kwargs.update(spec.args)
-    key = "teacher" if role == "teacher" else "model"
-    channels = spec.in_chans or in_chans
-    external = split_source(spec.name)[0] is not None  # timm / torchvision build for any channel count themselves
-    if external:
-        kwargs["in_chans"] = channels
-        if spec.pretrained is not False:  # published weights, classifier resized, first convolution adapted
-            kwargs["pretrained"] = spec.pretrained
-    try:
-        model = models.create(spec.name, num_classes=num_classes, **kwargs)
-    except ModelSourceError as err:
-        raise with_config_key(err, key) from None
-    except TypeError as err:
-        if spec.width_mult is None and not spec.args:
-            raise
-        if not spec.args:
-            raise ConfigError(f"{key}.width_mult: {spec.name!r} has no width multiplier ({err}); remove "
-                              f"{key}.width_mult or pick a model that has one") from None
-        raise ConfigError(f"{key}.args: {spec.name!r} does not take {', '.join(spec.args)} ({err}); remove them or "
-                          "pick a model that has them") from None
-    if not external:
-        try:
-            model = with_input_channels(model, channels)
-        except ValueError as err:
-            raise ConfigError(f"{key}.in_chans={channels}: {err}; give {key}.in_chans=3 with a 3-channel "
-                              "dataset") from None
-    weights = spec.weights
-    if not weights and role == "teacher":
-        found = teacher_candidate(spec.name, num_classes)
-        weights = str(found) if found is not None else weights
-    if weights:
-        models.load_weights(model, weights, model_name=spec.name, weights_key=spec.weights_key,
-                            reset_classifier=spec.reset_classifier, config_key=key, on_note=on_note)
-    elif role == "teacher" and needs_weights and spec.pretrained is False:
-        raise ConfigError(f"teacher.weights is required: a randomly initialised teacher {spec.name!r} teaches "
-                          "nothing. Train one with `adakd train model.name=...` and pass its best.pth or last.pth, "
-                          "or set ADAKD_TEACHERS to a folder laid out as <name>_vanilla/ckpt_epoch_240.pth"
-                          f"{teacher_fetch_hint(spec.name, num_classes)}")
-    return model
-
-
-def build_distiller(config: RunConfig, student, teacher, input_shape, train_targets: torch.Tensor,
-                    on_pairing: Callable[[str], None] | None = None):
-    """The distiller for `distill.method`, built from feature shapes measured on both networks; `on_pairing` gets
-    the line saying how stages were paired when the two networks have different numbers of stages."""
-    # distill.temperature belongs to the optional KL term; a method's own temperature (KD's T, CRD's NCE
-    # temperature) is one of its args.
-    args = dict(config.distill.for_method().args)
-    context = DistillContext(num_classes=int(train_targets.max()) + 1 if len(train_targets) else 0,
-                             train_targets=train_targets)
-    try:
-        return distillers.create(config.distill.method, student, teacher, input_shape, config.distill.spots,
-                                 context, on_pairing=on_pairing, **args)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{config.distill.method} cannot distill {config.teacher.name} -> {config.model.name}: "
-                          f"{err}") from None
-
-
-def check_names(config: RunConfig) -> None:
-    """Unknown model, teacher, distiller, strategy or dataset names fail at once, with suggestions."""
-    models.registry.check_name(config.model.name)
-    if config.task == "distill":
-        models.registry.check_name(config.teacher.name)
-        distillers.get(config.distill.method)
-    strategies.get(config.strategy.name)
-    datasets.dataset_info(config.data.name)
-
-
 def compile_options(device: torch.device) -> dict[str, Any]:
     """The torch.compile arguments of `compile=true` on `device`."""
     # Static shapes: an epoch's smaller tail batch gets a graph of its own instead of making every graph dynamic,
@@ -362,78 +235,18 @@ class Trainer:
         seed_everything(config.seed, config.deterministic)
         device = self.dist.device
         check_image_size(config, device, self.dist.world_size)
-        self.train_set, self.test_set = load_data(config, "train"), load_data(config, "test")
-        strategy_cls = strategies.get(config.strategy.name)
-        full_targets = self.train_set.targets
-        self.split: dict[str, Any] | None = None
-        if getattr(strategy_cls, "needs_validation", False):
-            self._hold_out(strategy_cls)
-        num_classes = self.train_set.num_classes
-        self.input_shape = tuple(self.train_set[0][0].shape)
-        self.batch = config.data.batch_size // self.dist.world_size
-        if self.batch * self.dist.world_size != config.data.batch_size:
-            raise ConfigError(f"data.batch_size {config.data.batch_size} (the global batch) must be divisible by "
-                              f"the {self.dist.world_size} processes")
-        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        # Grayscale sets train 1-channel models unless model.in_chans says otherwise.
-        channels = self.input_shape[0]
+        # A resumed run's student comes from its checkpoint, so only the teacher reads its start weights again.
+        built = build_run(config, dist=self.dist,
+                          start_weights=("student", "teacher") if checkpoint is None else ("teacher",))
+        self.built: Run = built
+        self.train_set, self.test_set, self.val_set, self.split = (built.train_set, built.test_set, built.val_set,
+                                                                   built.split)
+        self.input_shape, self.batch = built.input_shape, built.batch
         # Said once when the run starts (the run folder does not exist yet).
-        self.setup_notes: list[str] = list(preprocessing_notes)
-        # A resumed run's student comes from its checkpoint: its start weights (a file, or published weights that
-        # may need the network) are not read again, so a resume works offline and after the file is gone.
-        student_spec = (config.model if checkpoint is None
-                        else dataclasses.replace(config.model, weights=None, pretrained=False))
-        student = models.staged(build_model(student_spec, num_classes, "student", in_chans=channels,
-                                            on_note=self.setup_notes.append))
-        student.to(device, memory_format=memory_format)
-        teacher = distiller = None
-        scratch = False
-        student_spots: list[int] = []
-        teacher_spots: list[int] = []
-        if config.task == "distill":
-            # SAKD's scratch-teacher ablation redraws the teacher's weights, so it needs no file.
-            scratch = config.strategy.args.get("teacher_init") == "scratch"
-            teacher = models.frozen(build_model(config.teacher, num_classes, "teacher", needs_weights=not scratch,
-                                                in_chans=channels, on_note=self.setup_notes.append))
-            teacher.to(device, memory_format=memory_format)
-            # The full training set's targets: a held-out split keeps dataset indices, so CRD's rows cover both parts.
-            distiller, student_spots, teacher_spots = build_distiller(
-                config, student, teacher, self.input_shape, full_targets, on_pairing=self.setup_notes.append)
-            distiller.to(device)
-            freeze_pretrain_parts(distiller)
-        self.student = student
-        self.teacher, self.distiller, self.teacher_spots = teacher, distiller, teacher_spots
-        # A teacher redrawn at random (SAKD's scratch ablation) is expected to score at chance: no warning then.
-        self.teacher_is_trained = teacher is not None and not scratch
-        weights = self._loss_weights(distiller)
-        try:
-            wrapped = distributed.wrap_student(student, self.dist, config.sync_bn)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        strategy_args = dict(config.strategy.args)
-        option_class = getattr(strategy_cls, "option_class", None)
-        option_fields = {f.name for f in dataclasses.fields(option_class)} if option_class else set()
-        if "input_size" in option_fields:  # a strategy that measures shapes (SAKD's adapters) gets the data's size
-            strategy_args.setdefault("input_size", self.input_shape[-1])
-            if "input_channels" in option_fields:
-                strategy_args.setdefault("input_channels", self.input_shape[0])
-        if "run_steps" in option_fields:  # a strategy sized to the run (ABL's search_scale=auto): the steps of
-            # optim.epochs over the whole training set, before any held-out split
-            strategy_args.setdefault("run_steps", config.optim.epochs
-                                     * math.ceil(len(full_targets) / config.data.batch_size))
-        try:
-            self.strategy = strategy_cls(wrapped, teacher, distiller, weights, student_spots, teacher_spots,
-                                         **strategy_args)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"strategy.args: {err}") from None
-        if config.sync_bn and self.dist.distributed:
-            for module in self.strategy.owned_modules():  # ABL's heads, SAKD's adapters: same batch statistics
-                distributed.convert_sync_batchnorm(module)
-        if distiller is not None and self.dist.distributed and any(p.requires_grad for p in distiller.parameters()):
-            # The distiller's heads learn with the student, so their gradients must be averaged across ranks too.
-            # No buffer broadcast: CRD keeps its memory banks equal on every rank itself, and broadcasting
-            # 2 x 50,000 x 128 floats every step would cost more than the step.
-            self.strategy.distiller_forward = distributed.wrap_student(distiller, self.dist, broadcast_buffers=False)
+        self.setup_notes: list[str] = [*preprocessing_notes, *built.notes]
+        self.student, self.teacher, self.distiller = built.student, built.teacher, built.distiller
+        self.teacher_spots, self.teacher_is_trained = built.teacher_spots, built.teacher_is_trained
+        self.strategy = built.strategy
         if config.compile:
             compile_networks(self.strategy, device, lambda text: self.say(text, warning=True))
         self.lr = base_lr(config.optim, config.data.batch_size)
@@ -484,28 +297,6 @@ class Trainer:
         """
         per_rank = math.ceil(len(dataset) / self.dist.world_size)
         return per_rank % self.batch == 1 and per_rank > 1
-
-    def _hold_out(self, strategy_cls) -> None:
-        """Split the training set, stratified by class, for a strategy that learns on a held-out part (§6.1)."""
-        fraction = float(self.config.strategy.args.get("val_fraction", 0.5))
-        try:
-            train_idx, held_idx = stratified_split(torch.as_tensor(self.train_set.targets), fraction,
-                                                   self.config.seed)
-        except ValueError as err:
-            raise ConfigError(f"strategy.args.val_fraction: {err}") from None
-        self.split = {"fraction": fraction, "seed": self.config.seed, "train": train_idx.tolist(),
-                      "held_out": held_idx.tolist()}
-        self.val_set = subset(self.train_set, held_idx)
-        self.train_set = subset(self.train_set, train_idx)
-
-    def _loss_weights(self, distiller) -> LossWeights:
-        c = self.config.distill.for_method()
-        if distiller is None:
-            return LossWeights(ce=1.0 if c.ce_weight is None else c.ce_weight)
-        d = type(distiller).defaults
-        return LossWeights(ce=d.ce_weight if c.ce_weight is None else c.ce_weight,
-                           method=d.method_weight if c.method_weight is None else c.method_weight,
-                           kl=c.kl_weight, temperature=c.temperature)
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: list[str] | None = None) -> "Trainer":

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, fx, nn
 
-from adakd.models.staged import Stage
+from adakd.models.stage_types import Stage
 
 # ViT-Tiny has 12 blocks at one resolution; 4 stages of 3 mirror ResNet's 4 stages for the feature distillers.
 ISOTROPIC_STAGES = 4

@@ -10,34 +10,15 @@ outputs, then the pooled vector and the logits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-_LAYOUTS: dict[type, Callable[[nn.Module], list["Stage"]]] = {}
+from adakd.models.auto_staged import AutoLayoutError, auto_stages
+from adakd.models.stage_types import Stage, StagedOutput
 
-
-@dataclass
-class Stage:
-    """One stage: blocks run in order.
-
-    `merge_into_next_block` marks a stem that is not a block of its own for ABL (ResNet's stem joins
-    block 1, VGG's first conv is a block). The pool and head stages always join the last block.
-    """
-
-    name: str
-    blocks: list[nn.Module]
-    merge_into_next_block: bool = False
-    has_preact: bool = False
-
-
-class StagedOutput(NamedTuple):
-    """Outputs of the stages that ran: `features[k]` and `preacts[k]` for stage `start + k`."""
-
-    features: list[Tensor]
-    preacts: list[Tensor]
+_LAYOUTS: dict[type, Callable[[nn.Module], list[Stage]]] = {}
 
 
 def register_layout(model_class: type) -> Callable:
@@ -82,8 +63,6 @@ class StagedModel(nn.Module):
         layout = _LAYOUTS.get(type(model))
         if layout is None:
             # timm / torchvision / user models: cut the traced forward (adakd/models/auto_staged.py).
-            from adakd.models.auto_staged import AutoLayoutError, auto_stages
-
             try:
                 stages = auto_stages(model)
             except AutoLayoutError as err:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from adakd.distillers.base import Distiller
-from adakd.models.staged import StagedModel, StagedOutput
+from adakd.models.stage_types import StagedOutput
+from adakd.models.staged import StagedModel
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from adakd.distillers.base import masked_mean, spot_name
 from adakd.distillers.kd import kd_loss
 from adakd.models.layers import kaiming_init
-from adakd.models.staged import StagedModel, StagedOutput
+from adakd.models.stage_types import StagedOutput
+from adakd.models.staged import StagedModel
 from adakd.strategies.adapters import build_adapter
 from adakd.strategies.base import LossWeights, Strategy
 from adakd.strategies.registry import register_strategy

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from adakd.models.layers import kaiming_init
 from adakd.models.registry import register_model
-from adakd.models.staged import Flatten, Stage, register_layout
+from adakd.models.stage_types import Stage
+from adakd.models.staged import Flatten, register_layout
 
 # (output channels at width 1, units, stride of the first unit) per group of inverted residuals.
 _SETTING = ((16, 1, 1), (24, 2, 1), (32, 3, 2), (64, 4, 2), (96, 3, 1), (160, 3, 2), (320, 1, 1))

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from adakd.models.layers import kaiming_init
 from adakd.models.registry import register_model
-from adakd.models.staged import Flatten, Stage, register_layout
+from adakd.models.stage_types import Stage
+from adakd.models.staged import Flatten, register_layout
 
 
 class BasicBlock(nn.Module):

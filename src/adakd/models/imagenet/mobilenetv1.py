@@ -12,7 +12,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from adakd.models.registry import register_model
-from adakd.models.staged import Flatten, Stage, register_layout
+from adakd.models.stage_types import Stage
+from adakd.models.staged import Flatten, register_layout
 
 # (output channels, stride) of the 13 depth-wise separable units.
 _UNITS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]

@@ -15,7 +15,8 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from adakd.models.registry import register_model
-from adakd.models.staged import Flatten, Stage, register_layout
+from adakd.models.stage_types import Stage
+from adakd.models.staged import Flatten, register_layout
 
 
 class PreactBlock(nn.Module):
