@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from adakd.demo import run_demo
+from adakd.experiments.demo import run_demo
 
 
 @pytest.mark.slow
@@ -36,7 +36,7 @@ def test_demo_prints_the_five_row_table(tmp_path):
 
 def test_demo_says_what_it_runs_before_it_starts(tmp_path):
     """The header printed before the progress line: the teacher sees the whole training split, the students 100."""
-    from adakd.demo import describe_demo
+    from adakd.experiments.demo import describe_demo
 
     text = describe_demo(tmp_path / "demo", [], seeds=3, jobs=2)
     assert "teacher  resnet20 (0.27 M parameters): all 1,437 training images, 20 epochs" in text

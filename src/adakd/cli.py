@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace, task: str) -> int:
 
 
 def _abl(args: argparse.Namespace) -> int:
-    from adakd.engine.abl_pipeline import format_pipeline, pipeline_root, run_pipeline
+    from adakd.experiments.abl_pipeline import format_pipeline, pipeline_root, run_pipeline
     from adakd.engine.config import ConfigError, dump_yaml, resolve
 
     if args.resume:
@@ -306,7 +306,7 @@ def _teachers(args: argparse.Namespace) -> int:
             if folder not in teachers.search_dirs():  # a --dir that runs do not look in by themselves
                 print(f"runs find teachers in {folder} with ADAKD_TEACHERS={folder} set")
             return 0
-        from adakd.engine.teacher_scores import verify
+        from adakd.experiments.teacher_scores import verify
 
         names = [item for item in args.names if "=" not in item]
         verify(names, [item for item in args.names if "=" in item], args.dir)
@@ -333,7 +333,7 @@ def _key_values(items: list[str], option: str) -> dict[str, object]:
 
 def _sweep(args: argparse.Namespace) -> int:
     from adakd.engine.config import ConfigError
-    from adakd.engine.launch import run_sweep
+    from adakd.experiments.launch import run_sweep
 
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
@@ -459,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "presets":
             return _presets(args)
         if args.command == "decisions":
-            from adakd.engine.decisions import export_decisions
+            from adakd.experiments.decisions import export_decisions
 
             path, skipped, spot = export_decisions(args.run_dir, args.spot)
             print(f"{len(skipped)} training samples are not distilled at {spot}; every decision is in {path}")
@@ -470,23 +470,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "teachers":
             return _teachers(args)
         if args.command == "sweeps":
-            from adakd.engine.launch import describe_grids
+            from adakd.experiments.launch import describe_grids
 
             print(describe_grids())
             return 0
         if args.command == "table":
-            from adakd.engine.sweep_report import format_table
+            from adakd.experiments.sweep_report import format_table
 
             print(format_table(args.sweep_dir, args.metric, args.format, args.topk))
             return 0
         if args.command == "compare":
-            from adakd.engine.sweep_report import compare_runs
+            from adakd.experiments.sweep_report import compare_runs
 
             print(compare_runs(args.runs, args.out)[0])
             return 0
         if args.command == "plot":
-            from adakd.engine.plots import PlottingUnavailable, plot_run
-            from adakd.engine.sweep_report import plot_sweep
+            from adakd.experiments.plots import PlottingUnavailable, plot_run
+            from adakd.experiments.sweep_report import plot_sweep
 
             try:
                 if (Path(args.run_dir) / "sweep.yaml").is_file():
@@ -501,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(path)
             return 0
         if args.command == "demo":
-            from adakd.demo import run_demo
+            from adakd.experiments.demo import run_demo
 
             if args.seeds < 1:
                 raise ConfigError("--seeds must be >= 1")

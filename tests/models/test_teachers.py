@@ -373,7 +373,7 @@ def test_a_missing_published_teacher_names_the_fetch_command():
 
 
 def test_sweep_uses_a_fetched_teacher_and_names_fetch_for_one_it_would_train(capsys, site, tmp_path):
-    from adakd.engine.launch import run_sweep
+    from adakd.experiments.launch import run_sweep
 
     grid = tmp_path / "grid.yaml"
     grid.write_text("presets: [cifar100]\noverrides: {distill.method: kd, model.name: resnet8, data.download: false,"

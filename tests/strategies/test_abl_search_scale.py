@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from adakd.cli import main
-from adakd.engine.abl_pipeline import stage_configs
+from adakd.experiments.abl_pipeline import stage_configs
 from adakd.engine.config import from_dict, resolve
-from adakd.engine.plots import configured_warm_steps
-from adakd.engine.sweep import load_grid
+from adakd.experiments.plots import configured_warm_steps
+from adakd.experiments.sweep import load_grid
 from adakd.engine.trainer import Trainer
 from adakd.strategies.abl_options import META_LR_CAP, META_STEPS_FLOOR, PAPER_RUN_STEPS, ABLOptions
 from adakd.strategies.abl_search import search_warning, steps_budget

@@ -11,12 +11,9 @@ from torch import Tensor, nn
 
 from adakd.distillers.base import Distiller, DistillerDefaults, selection_weights
 from adakd.distillers.registry import register_distiller
+from adakd.ranks import is_distributed, world_size
 
 NCE_EPS = 1e-7
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -27,9 +24,9 @@ def gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
     which would take a host sync each step. Under DDP every rank then writes every rank's new memory rows, so the
     banks stay identical everywhere.
     """
-    if not _distributed():
+    if not is_distributed():
         return tensors
-    world = dist.get_world_size()
+    world = world_size()
     gathered = []
     for t in tensors:
         parts = [torch.empty_like(t) for _ in range(world)]
@@ -210,7 +207,7 @@ class CRD(Distiller):
             if weights is not None:
                 new = torch.where(weights[:, None] > 0, new, rows)
             memory.index_copy_(0, indices, new)
-        if _distributed():
+        if is_distributed():
             z = torch.stack([self.z_student, self.z_teacher])
             dist.all_reduce(z, op=dist.ReduceOp.MAX)
             self.z_student.copy_(z[0])

@@ -81,6 +81,8 @@ class OptimConfig:
     milestones: tuple[int, ...] = (150, 180, 210)
     lr_decay: float = 0.1
     scale_lr_with_batch: bool = False  # lr *= global_batch / 256 (the ImageNet convention)
+    # Bound on the total 2-norm of each optimiser's gradients, taken after unscaling under AMP; None: no clipping.
+    clip_grad_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -396,6 +398,8 @@ def validate(config: RunConfig) -> None:
         (config.optim.epochs >= 1, "optim.epochs", "must be >= 1"),
         (0 < config.optim.lr_decay <= 1, "optim.lr_decay", "must be in (0, 1]"),
         (list(config.optim.milestones) == sorted(config.optim.milestones), "optim.milestones", "must be increasing"),
+        (config.optim.clip_grad_norm is None or config.optim.clip_grad_norm > 0, "optim.clip_grad_norm",
+         "must be > 0 (or null for no clipping)"),
         (config.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
         (config.data.test_batch_size >= 1, "data.test_batch_size", "must be >= 1"),
         (config.data.num_workers is None or config.data.num_workers >= 0, "data.num_workers",

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from adakd.ranks import all_reduce_sum, barrier, process_group_up
+
 from .sync_bn import convert_sync_batchnorm
 
 
@@ -50,7 +52,7 @@ def setup(preference: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(preference, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if world_size > 1 and not process_group_up():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -59,7 +61,7 @@ def setup(preference: str = "auto") -> DistInfo:
 
 def teardown() -> None:
     """Leave the process group if one was joined."""
-    if dist.is_initialized():
+    if process_group_up():
         dist.destroy_process_group()
 
 
@@ -83,14 +85,5 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks in place (no-op when alone)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op when alone)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+# Re-exported: the engine's callers import the collectives from here as before.
+__all__ = ["DistInfo", "all_reduce_sum", "barrier", "pick_device", "setup", "teardown", "unwrap", "wrap_student"]

@@ -1,16 +1,18 @@
 """The training loop: one epoch of strategy steps with on-device sums, and top-1/top-5 evaluation."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from adakd.engine.distributed import all_reduce_sum
+from adakd.modes import eval_mode
+from adakd.numerics import at_least_float32, cross_entropy_upcast
+from adakd.ranks import all_reduce_sum
 from adakd.strategies.base import Precision, Strategy
 
 
@@ -70,29 +72,24 @@ def evaluate(model: nn.Module, loader: Iterable, precision: Precision | None = N
 
     "acc5" is left out with 5 classes or fewer: there every sample is in its top 5, so 100 % would say nothing.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     num_classes = 0
-    context = precision.autocast if precision is not None else None
-    for images, targets, _ in loader:
-        if context is not None:
+    context = precision.autocast if precision is not None else contextlib.nullcontext
+    with eval_mode(model):
+        for images, targets, _ in loader:
             with context():
-                logits = model(images).float()
-        else:
-            logits = model(images).float()
-        num_classes = logits.shape[1]
-        k = min(TOP5, num_classes)
-        top = logits.topk(k, dim=1).indices
-        hits = top == targets[:, None]
-        sums += torch.stack([
-            F.cross_entropy(logits, targets, reduction="sum").double(),
-            hits[:, 0].sum().double(),
-            hits.any(dim=1).sum().double(),
-            torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=device),
-        ])
-    model.train(was_training)
+                logits = at_least_float32(model(images))
+            num_classes = logits.shape[1]
+            k = min(TOP5, num_classes)
+            top = logits.topk(k, dim=1).indices
+            hits = top == targets[:, None]
+            sums += torch.stack([
+                cross_entropy_upcast(logits, targets, reduction="sum").double(),
+                hits[:, 0].sum().double(),
+                hits.any(dim=1).sum().double(),
+                torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=device),
+            ])
     loss, top1, top5, count = all_reduce_sum(sums).tolist()
     result = {"loss": loss / count, "acc1": 100 * top1 / count}
     if num_classes > TOP5:

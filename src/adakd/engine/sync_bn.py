@@ -17,17 +17,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adakd.models.staged import StagedModel
-
-
-def _world(group: Any) -> int:
-    """Ranks taking part in the statistics: 1 without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
+from adakd.ranks import world_size
 
 
 def _all_reduce(tensor: Tensor, group: Any) -> Tensor:
-    if _world(group) > 1:
+    if world_size(group) > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
@@ -114,7 +108,7 @@ class SyncBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        if not batch_stats or _world(self.process_group) == 1:
+        if not batch_stats or world_size(self.process_group) == 1:
             running = not self.training or self.track_running_stats
             return F.batch_norm(input, self.running_mean if running else None,
                                 self.running_var if running else None, self.weight, self.bias, batch_stats,

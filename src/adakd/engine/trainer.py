@@ -262,7 +262,8 @@ class Trainer:
         # A strategy bounded in iterations (ABL's search) runs as many epochs as they need.
         max_steps = self.strategy.max_steps
         self.epochs = math.ceil(max_steps / len(self.train_loader)) if max_steps else config.optim.epochs
-        self.strategy.attach(self.optimizers, self.precision, total_steps=self.epochs * len(self.train_loader))
+        self.strategy.attach(self.optimizers, self.precision, total_steps=self.epochs * len(self.train_loader),
+                             clip_grad_norm=config.optim.clip_grad_norm)
         self.run = RunDir(run_path, enabled=self.dist.is_main, tensorboard=config.log.tensorboard)
         self.epoch, self.step, self.best = 0, 0, {"acc1": -1.0, "epoch": 0}
         # The values auto settings resolved to on this machine (config.yaml keeps null, so a resume re-resolves).

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from adakd.distillers.kd import kd_loss
 from adakd.models.stage_types import StagedOutput
 from adakd.models.staged import StagedModel
+from adakd.modes import eval_mode
+from adakd.ranks import all_reduce_sum
 from adakd.strategies.abl_blocks import (BlockForward, Components, ScaleGrad, average_across_ranks, block_plan,
                                          broadcast_buffers, cross_entropy_upcast, forward_blocks)
 from adakd.strategies.abl_heads import build_aux_heads
@@ -93,17 +94,12 @@ class ABLBase(Strategy):
 
     @torch.no_grad()
     def _block_shapes(self) -> list[tuple[int, ...]]:
-        modes = [(m, m.training) for m in self.student_module.modules()]
-        self.student_module.eval()
-        try:
+        with eval_mode(self.student_module):
             ref = next(self.student_module.parameters())
             size = self.options.input_size
             dummy = torch.zeros(1, self.options.input_channels, size, size, dtype=ref.dtype, device=ref.device)
             out = forward_blocks(self.student_module, self.plan, dummy, False)
             return [tuple(h.shape[1:]) for h in out.block_outputs]
-        finally:
-            for m, training in modes:
-                m.training = training
 
     # ---- p
     def initial_p(self) -> Tensor:
@@ -162,11 +158,8 @@ class ABLBase(Strategy):
         """Test accuracy (%) of every auxiliary head: `block_acc/blockK` (Fig. 4c, Fig. 6)."""
         if not (self.options.eval_heads and len(self.heads)):
             return {}
-        modes = [(m, m.training) for m in list(self.student_module.modules()) + list(self.heads.modules())]
-        self.student_module.eval()
-        self.heads.eval()
         hits, count = None, None
-        try:
+        with eval_mode(self.student_module, self.heads):
             for images, targets, _ in loader:
                 with self.precision.autocast():
                     out = forward_blocks(self.student_module, self.plan, images, False)
@@ -175,14 +168,10 @@ class ABLBase(Strategy):
                 hits = correct if hits is None else hits + correct
                 n = torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=correct.device)
                 count = n if count is None else count + n
-        finally:
-            for m, training in modes:
-                m.training = training
         if hits is None:
             return {}
         totals = torch.cat([hits, count.view(1)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(totals)
+        all_reduce_sum(totals)
         values = (100 * totals[:-1] / totals[-1]).tolist()
         return {f"block_acc/{name}": v for name, v in zip(self.block_names, values)}
 
@@ -273,8 +262,7 @@ class ABLBase(Strategy):
     def components(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int) -> Components:
         """a, b, c, e of §1 at the current weights: one forward, one student call, the KD sweep."""
         alpha = self.weights.ce
-        scaler = self.precision.scaler
-        scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+        scale = self.precision.gradient_scale()
         broadcast_buffers(self.student_module)
         fw = self.forward_parts(images, targets, indices, epoch)
         theta = [p for params in self.block_params for p in params]
@@ -313,8 +301,7 @@ class ABLBase(Strategy):
         """
         alpha = self.weights.ce
         last = self.num_blocks - 1
-        scaler = self.precision.scaler
-        scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+        scale = self.precision.gradient_scale()
         # The head learns from its unweighted CE; h_l receives it scaled by p1(l) * alpha (Eq. 8 against Eq. 7).
         # A tensor, not a list of floats: reading p on the host would wait for the device every step.
         head_scale = (p[:, 0] * alpha).detach() if self.options.aux_grad == "unweighted" else None
@@ -389,15 +376,8 @@ class ABLBase(Strategy):
 
     def apply(self, pairs: list[tuple[Tensor, Tensor | None]]) -> None:
         """Assign the gradients and step the student's SGD (through the loss scaler under float16 AMP)."""
-        optimizer = self.optimizers["main"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler = self.precision.scaler
-        scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
-        for param, grad in pairs:
-            if grad is not None:
-                # The scaler's step unscales and skips the step on inf/NaN, as after an ordinary scaled backward.
-                param.grad = (grad * scale if scale != 1.0 else grad).to(param.dtype)
-        self.precision.step(optimizer)
+        # Assigned grads are multiplied by the loss scale: the scaler's step unscales them and skips on inf/NaN.
+        self.optimizer_step(self.optimizers["main"], grads=pairs)
 
     def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
                       step: int = 0) -> dict[str, Tensor]:
@@ -505,17 +485,16 @@ class ABLGlobal(ABLBase):
             kd = self.kd_terms(output, teacher_out, targets, indices, epoch)
             ce = self.weights.ce * cross_entropy_upcast(output.features[-1], targets)
         loss = ce + (torch.stack(list(kd.values())).sum() if kd else 0.0)
-        optimizer = self.optimizers["main"]
-        optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(loss)
         params = [p for params in self.block_params for p in params] + self.distiller_params
-        average_across_ranks([p.grad for p in params if p.grad is not None])
-        with torch.no_grad():
+
+        @torch.no_grad()
+        def weight_non_last_blocks() -> None:
             for l, block in enumerate(self.block_params[:-1]):
                 for param in block:
                     if param.grad is not None:
                         param.grad.mul_(self.p[l, 1])
-        self.precision.step(optimizer)
+
+        self.optimizer_step(self.optimizers["main"], loss, unsynced=params, adjust=weight_non_last_blocks)
         out = {"ce": ce.detach(), **{k: v.detach() for k, v in kd.items()}}
         out["loss"] = loss.detach()
         out["correct"] = (output.features[-1].detach().argmax(dim=1) == targets).sum()

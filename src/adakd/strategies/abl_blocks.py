@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adakd.models.stage_types import StagedOutput
 from adakd.models.staged import StagedModel, forward_with_preact
+# Re-exported (listed in __all__): ABL's modules import them from here.
+from adakd.numerics import cross_entropy_upcast
+from adakd.ranks import average_across_ranks, broadcast_buffers
 
 
 def block_plan(staged: StagedModel, group_by_stage: bool = False) -> list[list[tuple[int, nn.Module, bool]]]:
@@ -133,34 +134,6 @@ def preserved(modules: list[nn.Module], params: list[Tensor] | None = None) -> I
                 b.copy_(s)
             for p, s in zip(params, saved_params):
                 p.copy_(s)
-
-
-def average_across_ranks(tensors: list[Tensor]) -> None:
-    """All-reduce mean in place (one flat buffer); a no-op without an initialised process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def cross_entropy_upcast(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy in at least float32 (autocast's half-precision logits are upcast; float64 stays float64)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits, targets)
-
-
-def broadcast_buffers(module: nn.Module) -> None:
-    """Rank 0's BatchNorm statistics to every rank before a forward, as DDP's broadcast_buffers does."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for buffer in module.buffers():
-        dist.broadcast(buffer, 0)
 
 
 @dataclass

@@ -37,6 +37,7 @@ from torch import nn
 
 from adakd.models.cifar.mobilenetv2 import InvertedResidual
 from adakd.models.layers import kaiming_init
+from adakd.modes import eval_mode
 
 AUX_KINDS = ("aux1", "aux2", "aux3", "aux4")
 
@@ -165,18 +166,11 @@ def build_aux_heads(kind: str, block_shapes: Sequence[tuple[int, ...]], num_clas
 @torch.no_grad()
 def measure_block_shapes(blocks: Sequence[nn.Module], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Output shapes (no batch) of every block but the last, measured by running a dummy input through them in eval."""
-    modules = [module for block in blocks for module in block.modules()]
-    modes = [(module, module.training) for module in modules]
     param = next(p for block in blocks for p in block.parameters())
     x = torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
     shapes = []
-    try:
-        for module, _ in modes:
-            module.training = False
+    with eval_mode(*blocks):
         for block in blocks[:-1]:
             x = block(x)
             shapes.append(tuple(x.shape[1:]))
-    finally:
-        for module, training in modes:
-            module.training = training
     return shapes

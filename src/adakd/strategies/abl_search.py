@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import Tensor
 
+from adakd.modes import eval_mode
 from adakd.strategies.abl import ABLBase
 from adakd.strategies.abl_blocks import (Components, average_across_ranks, cross_entropy_upcast, forward_blocks,
                                          preserved, sgd_next)
@@ -184,11 +185,8 @@ class ABLSearch(ABLBase):
         opts = self.options
         alpha = self.weights.ce
         modules = [self.student_module, self.heads]
-        modes = [(m, m.training) for mod in modules for m in mod.modules()]
-        if opts.val_bn == "eval":
-            for mod in modules:
-                mod.eval()
-        try:
+        # val_bn "train" keeps the modes as they are; eval_mode() with no module then changes nothing.
+        with eval_mode(*(modules if opts.val_bn == "eval" else [])):
             with self.precision.autocast():
                 # Undetached: v is the gradient of L_val through the whole network.
                 forward = forward_blocks(self.student_module, self.plan, images, self.student_preact)
@@ -207,9 +205,6 @@ class ABLSearch(ABLBase):
                         local = cross_entropy_upcast(head(h), targets)
                         loss = loss + p[l, 0] * alpha * local + p[l, 1] * kd_total
                 return loss
-        finally:
-            for m, training in modes:
-                m.training = training
 
     @contextlib.contextmanager
     def at_weights(self, params: list[Tensor], values: list[Tensor]) -> Iterator[None]:

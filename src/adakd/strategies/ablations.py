@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from adakd.numerics import cross_entropy_upcast
 from adakd.strategies.base import Strategy
 from adakd.strategies.registry import register_strategy
-from adakd.strategies.sakd import SpotMasked, at_least_float32, sample_uniform
+from adakd.strategies.sakd import SpotMasked, sample_uniform
 
 
 class _FixedMasks(SpotMasked):
@@ -100,11 +100,7 @@ class NoDistill(Strategy):
         """Student forward, CE, one SGD step."""
         with self.precision.autocast():
             logits = self.student(images).features[-1]
-            # at_least_float32: autocast's half logits are upcast as before, and a float64 run stays float64.
-            ce = self.weights.ce * F.cross_entropy(at_least_float32(logits), targets)
-        optimizer = self.optimizers["main"]
-        optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(ce)
-        self.precision.step(optimizer)
+            ce = self.weights.ce * cross_entropy_upcast(logits, targets)
+        self.optimizer_step(self.optimizers["main"], ce)
         return {"ce": ce.detach(), "loss": ce.detach(),
                 "correct": (logits.detach().argmax(dim=1) == targets).sum()}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from adakd.distillers.base import Distiller
 from adakd.models.stage_types import StagedOutput
 from adakd.models.staged import StagedModel
+from adakd.ranks import average_gradients
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,27 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def backward(self, loss: Tensor) -> None:
-        """Backward through the (possibly scaled) loss."""
-        self.scaler.scale(loss).backward()
+    def backward(self, loss: Tensor, inputs: list[Tensor] | None = None) -> None:
+        """Backward through the (possibly scaled) loss, into `inputs` only when given."""
+        self.scaler.scale(loss).backward(inputs=inputs)
 
-    def step(self, optimizer: torch.optim.Optimizer, update: bool = True) -> None:
+    def gradient_scale(self) -> float:
+        """The factor a scaled backward multiplies gradients by (1.0 without float16 loss scaling)."""
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+
+    def step(self, optimizer: torch.optim.Optimizer, update: bool = True, clip_grad_norm: float | None = None) -> None:
         """Optimiser step (skipped by the scaler on inf/NaN gradients), then the scale update.
 
+        With `clip_grad_norm`, the gradients of `optimizer`'s parameters are first unscaled (so the norm is that of
+        the true gradients) and clipped to that total 2-norm; the scaler remembers the unscale, so its step neither
+        unscales twice nor misses an inf/NaN found there (the step is then skipped, as without clipping).
         A step with several optimisers passes `update=False` to all but the last, so the loss scale moves once
         per iteration.
         """
+        if clip_grad_norm is not None:
+            self.scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
         self.scaler.step(optimizer)
         if update:
             self.scaler.update()
@@ -92,6 +104,7 @@ class Strategy:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.precision = Precision(torch.device("cpu"), enabled=False)
         self.total_steps = 1
+        self.clip_grad_norm: float | None = None
 
     def param_groups(self) -> dict[str, Any]:
         """Trainable parameters per optimiser: the student and the distiller's parts share "main".
@@ -104,11 +117,50 @@ class Strategy:
         return {"main": params}
 
     def attach(self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision,
-               total_steps: int = 1) -> None:
-        """Receive the optimisers built from `param_groups()`, the precision policy and the run's length in steps."""
+               total_steps: int = 1, clip_grad_norm: float | None = None) -> None:
+        """Receive the optimisers built from `param_groups()`, the precision policy, the run's length in steps and
+        the gradient-norm bound of every optimiser step (None: no clipping)."""
         self.optimizers = optimizers
         self.precision = precision
         self.total_steps = total_steps
+        self.clip_grad_norm = clip_grad_norm
+
+    def optimizer_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss: Tensor | None = None,
+        *,
+        grads: Iterable[tuple[Tensor, Tensor | None]] | None = None,
+        inputs: list[Tensor] | None = None,
+        unsynced: list[Tensor] | None = None,
+        adjust: Callable[[], None] | None = None,
+        update: bool = True,
+    ) -> None:
+        """The tail of every training step: zero_grad, gradients, rank averaging, optional clipping, step.
+
+        The gradients come from a backward of `loss` through the precision's loss scaler (into `inputs` only when
+        given), or are assigned from `grads` (parameter, gradient) pairs, multiplied by the loss scale so that they
+        look like a scaled backward's. `unsynced` are parameters outside DDP whose gradients are averaged across
+        ranks here; `adjust` then edits gradients in place before clipping (`self.clip_grad_norm`, unscaled first)
+        and the step, which the scaler skips on inf/NaN. `update=False` leaves the loss scale for a later step.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        if grads is not None:
+            grads = [(param, grad) for param, grad in grads if grad is not None]
+            if grads and self.precision.scaler.is_enabled():
+                # The scaler creates its scale tensor in scale(), which assigned gradients never pass through;
+                # without it the step's unscale fails on the first iteration.
+                self.precision.scaler.scale(torch.zeros((), device=grads[0][1].device))
+            scale = self.precision.gradient_scale()
+            for param, grad in grads:
+                param.grad = (grad * scale if scale != 1.0 else grad).to(param.dtype)
+        if loss is not None:
+            self.precision.backward(loss, inputs=inputs)
+        if unsynced:
+            average_gradients(unsynced)
+        if adjust is not None:
+            adjust()
+        self.precision.step(optimizer, update=update, clip_grad_norm=self.clip_grad_norm)
 
     def train(self, mode: bool = True) -> None:
         """Set train/eval mode of the trainable parts; the teacher stays in eval."""

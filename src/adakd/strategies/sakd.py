@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,6 +26,9 @@ from adakd.distillers.kd import kd_loss
 from adakd.models.layers import kaiming_init
 from adakd.models.stage_types import StagedOutput
 from adakd.models.staged import StagedModel
+from adakd.modes import eval_mode
+from adakd.numerics import at_least_float32, cross_entropy_upcast
+from adakd.ranks import is_distributed, rank, world_size
 from adakd.strategies.adapters import build_adapter
 from adakd.strategies.base import LossWeights, Strategy
 from adakd.strategies.registry import register_strategy
@@ -39,24 +41,16 @@ CIFAR100_ASYM_GAMMA = {"at": 2.0, "vid": 2.0, "rkd": 2.0}
 BOTH_SCRIPT_LOW_EPOCHS = 30
 
 
-def at_least_float32(t: Tensor) -> Tensor:
-    """`t` in float32 when narrower (autocast's float16/bfloat16, where CE and softmax could overflow), else as it is.
-
-    A plain `.float()` would round a float64 run's losses to float32, so that it could not match a float64 reference.
-    """
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 def sample_uniform(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
     """U(0, 1) for this rank's samples, drawn as one process would draw them for the global batch.
 
     Under DDP the loader deals the global batch out rank::world_size, so every rank draws the whole batch's values
     and keeps its own rows: the same sample gets the same noise whatever the number of processes.
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
+    if is_distributed():
+        world = world_size()
         full = torch.rand((shape[0] * world, *shape[1:]), device=device, dtype=dtype)
-        return full[dist.get_rank()::world]
+        return full[rank()::world]
     return torch.rand(shape, device=device, dtype=dtype)
 
 
@@ -131,16 +125,6 @@ def redraw_weights(model: nn.Module) -> None:
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     kaiming_init(model)
-
-
-def average_across_ranks(params: list[Tensor]) -> None:
-    """Average the gradients of parameters that no DDP wrapper synchronises (SAKD's agent, a trained teacher)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    for param in params:
-        if param.grad is not None:
-            dist.all_reduce(param.grad)
-            param.grad /= dist.get_world_size()
 
 
 @dataclass(frozen=True)
@@ -242,7 +226,7 @@ class SpotMasked(Strategy):
                       indices: Tensor, epoch: int, masks: Tensor) -> dict[str, Tensor]:
         """Weighted CE, masked KL (last decision) and masked distiller terms; `masks` is float 0/1 [B, K]."""
         logits = student_out.features[-1]
-        terms = {"ce": self.ce_weight * F.cross_entropy(at_least_float32(logits), targets)}
+        terms = {"ce": self.ce_weight * cross_entropy_upcast(logits, targets)}
         named = self.distiller_forward(
             self.select(student_out, self.student_spots, self.student_preact),
             self.select(teacher_out, self.teacher_spots, self.teacher_preact),
@@ -279,11 +263,7 @@ class SpotMasked(Strategy):
     def student_update(self, terms: dict[str, Tensor]) -> Tensor:
         """L_S = sum of terms; zero_grad, backward, step of the student optimiser; returns L_S."""
         loss = torch.stack(list(terms.values())).sum()
-        optimizer = self.optimizers["main"]
-        optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(loss + self.head_anchor())
-        average_across_ranks(self.unsynced_params)
-        self.precision.step(optimizer)
+        self.optimizer_step(self.optimizers["main"], loss + self.head_anchor(), unsynced=self.unsynced_params)
         return loss
 
 
@@ -432,9 +412,10 @@ class SAKD(SpotMasked):
                            "weight_decay": self.options.agent_weight_decay}
         return groups
 
-    def attach(self, optimizers: dict[str, torch.optim.Optimizer], precision, total_steps: int = 1) -> None:
+    def attach(self, optimizers: dict[str, torch.optim.Optimizer], precision, total_steps: int = 1,
+               clip_grad_norm: float | None = None) -> None:
         """Strategy.attach, noting the agent's undecayed lr (freshly built optimisers hold it) for both_script."""
-        super().attach(optimizers, precision, total_steps)
+        super().attach(optimizers, precision, total_steps, clip_grad_norm)
         agent = optimizers.get("agent")
         self.agent_full_lr = [group["lr"] for group in agent.param_groups] if agent is not None else []
 
@@ -492,16 +473,14 @@ class SAKD(SpotMasked):
         first segment instead of running it again (the same eval-mode computation, so the same numbers).
         """
         student, teacher = self.student_module, self.teacher
-        was_training, teacher_was_training = student.training, teacher.training
-        if self.options.student_eval_in_routing:
-            student.eval()
-        if self.teacher_learns:  # [C] train_both.py routes through the teacher in eval mode, as through the student
-            teacher.eval()
-        self.adapters.train(self.options.adapter_bn_mode == "train")
+        # [C] train_both.py routes through a learning teacher in eval mode, as through the student.
+        to_eval = [student] if self.options.student_eval_in_routing else []
+        to_eval += [teacher] if self.teacher_learns else []
         to_teacher, to_student = self.adapters["student_to_teacher"], self.adapters["teacher_to_student"]
         last = self.layout.num_decisions - 1
         u_s = u_t = images
-        try:
+        with eval_mode(*to_eval):
+            self.adapters.train(self.options.adapter_bn_mode == "train")
             for k, ((b_s, e_s), (b_t, e_t)) in enumerate(zip(self.layout.student_segments,
                                                              self.layout.teacher_segments)):
                 # Nothing upstream of the first segments is trained by the routing loss, so they need no graph;
@@ -519,10 +498,6 @@ class SAKD(SpotMasked):
                     return (1 - d) * o_s + d * o_t
                 u_t = (1 - d) * to_teacher[k](o_s) + d * o_t
                 u_s = (1 - d) * o_s + d * to_student[k](o_t)
-        finally:
-            student.train(was_training)
-            if self.teacher_learns:
-                teacher.train(teacher_was_training)
         raise AssertionError("unreachable: the last segment returns")
 
     def route_loss(self, route_ce: Tensor, student_ce: Tensor, logit_decisions: Tensor) -> tuple[Tensor, Tensor]:
@@ -538,7 +513,7 @@ class SAKD(SpotMasked):
         """SpotMasked's terms, plus the trained teacher's own CE ("teacher_ce", weighted like the student's)."""
         terms = super().student_terms(student_out, teacher_out, targets, indices, epoch, masks)
         if self.teacher_learns:
-            terms["teacher_ce"] = self.ce_weight * F.cross_entropy(at_least_float32(teacher_out.features[-1]), targets)
+            terms["teacher_ce"] = self.ce_weight * cross_entropy_upcast(teacher_out.features[-1], targets)
         return terms
 
     def masks_from(self, decisions: Tensor) -> Tensor:
@@ -551,12 +526,10 @@ class SAKD(SpotMasked):
 
     def agent_update(self, loss: Tensor) -> None:
         """zero_grad, backward of L_route into the agent parameters only, step (§7 step 9's cheaper equivalent)."""
-        optimizer = self.optimizers["agent"]
         params = self.agent_params
-        optimizer.zero_grad(set_to_none=True)
-        self.precision.scaler.scale(loss).backward(inputs=params)
-        average_across_ranks(params)  # the agent is not wrapped in DDP; every rank must keep the same policy
-        self.precision.step(optimizer, update=False)  # the student step that follows updates the loss scale
+        # The agent is not wrapped in DDP (averaged here: every rank must keep the same policy); the student step
+        # that follows updates the loss scale.
+        self.optimizer_step(self.optimizers["agent"], loss, inputs=params, unsynced=params, update=False)
 
     def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
                       step: int = 0) -> dict[str, Tensor]:
@@ -573,8 +546,8 @@ class SAKD(SpotMasked):
             masks = self.masks_from(decisions)
             terms = self.student_terms(student_out, teacher_out, targets, indices, epoch, masks)
             routed = self.route(images, decisions, teacher_out)
-            route_ce = F.cross_entropy(at_least_float32(routed), targets)
-            student_ce = F.cross_entropy(at_least_float32(student_out.features[-1].detach()), targets)
+            route_ce = cross_entropy_upcast(routed, targets)
+            student_ce = cross_entropy_upcast(student_out.features[-1].detach(), targets)
             route_total, hinge = self.route_loss(route_ce, student_ce, decisions[:, -1])
         self.agent_update(route_total)
         loss = self.student_update(terms)
@@ -601,18 +574,10 @@ class SAKD(SpotMasked):
         d = 1 means "routed to the teacher" (distilled in adaptive runs); masks are not inverted here.
         """
         student, teacher = self.student_module, self.teacher
-        modes = (student.training, self.policy.training, teacher.training)
-        student.eval()
-        self.policy.eval()
-        teacher.eval()
-        try:
+        with eval_mode(student, self.policy, teacher):
             logits = at_least_float32(self.policy_logits(teacher(images), student(images)))
             decisions = gumbel_softmax_st(logits, DECISION_TAU)[..., 0] > 0.5
             return decisions.to(logits.dtype), logits.softmax(dim=-1)[..., 0]
-        finally:
-            student.train(modes[0])
-            self.policy.train(modes[1])
-            teacher.train(modes[2])
 
 
 @register_strategy("sakd-faithful")

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from adakd.distillers.kd import kd_loss
+from adakd.numerics import cross_entropy_upcast
 from adakd.strategies.base import Strategy
 from adakd.strategies.registry import register_strategy
 
@@ -25,7 +25,7 @@ class Standard(Strategy):
         with self.precision.autocast():
             student_out = self.student(images, preact=student_preact)
             logits = student_out.features[-1]
-            terms = {"ce": self.weights.ce * F.cross_entropy(logits.float(), targets)}
+            terms = {"ce": self.weights.ce * cross_entropy_upcast(logits, targets)}
             if self.teacher is not None:
                 teacher_out = self.teacher(images, preact=teacher_preact)
                 if self.distiller is not None:
@@ -41,10 +41,7 @@ class Standard(Strategy):
                     kl = kd_loss(logits, teacher_out.features[-1], self.weights.temperature).mean()
                     terms["kl"] = self.weights.kl * kl
             loss = torch.stack(list(terms.values())).sum()
-        optimizer = self.optimizers["main"]
-        optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(loss)
-        self.precision.step(optimizer)
+        self.optimizer_step(self.optimizers["main"], loss)
         out = {name: value.detach() for name, value in terms.items()}
         out["loss"] = loss.detach()
         out["correct"] = (logits.detach().argmax(dim=1) == targets).sum()

@@ -9,7 +9,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from adakd.cli import main
-from adakd.engine.plots import MARKERS_BELOW, plot_run
+from adakd.experiments.plots import MARKERS_BELOW, plot_run
 from adakd.strategies.abl_options import ABLOptions
 from test_plots_abl import write_csv
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adakd.engine.sweep import Cell, Sweep, SweepError, run_cell
+from adakd.experiments.sweep import Cell, Sweep, SweepError, run_cell
 
 try:
     import submitit

@@ -1,6 +1,6 @@
 """Run a sweep's cells: `local` (N processes at once, GPUs or CPU threads shared out) or `slurm` (submitit).
 
-Both run each cell through `adakd.engine.sweep.run_cell`, which skips a finished cell and resumes an interrupted
+Both run each cell through `adakd.experiments.sweep.run_cell`, which skips a finished cell and resumes an interrupted
 one; so a sweep that was killed, pre-empted or partly failed continues where it stopped when it is run again.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from adakd.engine.sweep import Cell, Sweep, SweepError
+from adakd.experiments.sweep import Cell, Sweep, SweepError
 
 
 @dataclass
@@ -187,12 +187,12 @@ def _visible_gpus() -> list[str]:
 
 
 def _start(sweep: Sweep, cell: Cell, devices: list[str], threads: int | None) -> tuple[subprocess.Popen, TextIO]:
-    """Launch `python -m adakd.engine.sweep ROOT CELL` (under torchrun for a multi-GPU cell), output to its log."""
+    """Launch `python -m adakd.experiments.sweep ROOT CELL` (under torchrun for a multi-GPU cell), output to its log."""
     runtime = runtime_overrides(cell, threads)
-    command = [sys.executable, "-m", "adakd.engine.sweep", str(sweep.root), cell.name, *runtime]
+    command = [sys.executable, "-m", "adakd.experiments.sweep", str(sweep.root), cell.name, *runtime]
     if len(devices) > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(devices)}",
-                   "-m", "adakd.engine.sweep", str(sweep.root), cell.name, *runtime]
+                   "-m", "adakd.experiments.sweep", str(sweep.root), cell.name, *runtime]
     env = dict(os.environ)
     if devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
@@ -206,7 +206,7 @@ def run_submitit(sweep: Sweep, cells: list[Cell], jobs: int = 1, retry_failed: b
                  parameters: dict[str, Any] | None = None, progress: Progress | None = None,
                  poll_s: float = 2.0) -> dict[str, str]:
     """Submit the cells as job arrays through submitit, dependencies first, and wait for them."""
-    from adakd.engine.slurm import executor_for, submit
+    from adakd.experiments.slurm import executor_for, submit
 
     progress = progress or Progress(len(cells))
     progress.jobs = jobs
@@ -257,7 +257,7 @@ def _preflight(cells: list[Cell]) -> None:
     """Open the test split of every distinct dataset once and load every teacher file the sweep does not train into
     its network, so a wrong data.root or --teacher fails before any cell starts."""
     from adakd.engine.config import ConfigError, from_dict
-    from adakd.engine.trainer import build_model, load_data, teacher_candidate
+    from adakd.engine.build import build_model, load_data, teacher_candidate
     from adakd.models.checkpoint import CheckpointError
 
     datasets: list[tuple[dict[str, Any], Any]] = []
@@ -291,7 +291,7 @@ def prepare(grid: str, overrides: list[str], out: str | Path | None, teachers: d
 
     `seeds` replaces the grid's seeds (0..seeds-1).
     """
-    from adakd.engine.sweep import load_grid, plan
+    from adakd.experiments.sweep import load_grid, plan
 
     folder = Path(grid)
     if (folder / "sweep.yaml").is_file():  # continue a sweep with what it was started with
@@ -354,8 +354,8 @@ def run_sweep(grid: str, overrides: list[str], out: str | Path | None = None, jo
 
     One sweep process per folder: another live one makes this one stop with the holder named, or wait (`wait`).
     """
-    from adakd.engine.sweep_lock import SweepLock
-    from adakd.engine.sweep_report import format_table
+    from adakd.experiments.sweep_lock import SweepLock
+    from adakd.experiments.sweep_report import format_table
 
     stream = stream or sys.stdout
     sweep, cells, label, given = prepare(grid, overrides, out, teachers, seeds, check_teachers=not dry_run)
@@ -373,7 +373,7 @@ def run_sweep(grid: str, overrides: list[str], out: str | Path | None = None, jo
         print(note, file=sys.stderr)
     sweep.check_unchanged(cells)
     if launcher == "slurm":  # before the sweep folder is written: a missing extra leaves nothing behind
-        from adakd.engine.slurm import require_submitit
+        from adakd.experiments.slurm import require_submitit
 
         require_submitit()
     if any(sweep.state(c)["state"] != "done" for c in cells):
@@ -430,7 +430,7 @@ def launcher_for(name: str) -> Callable[..., dict[str, str]]:
 
 def describe_grids() -> str:
     """Every shipped grid with its cell count and description."""
-    from adakd.engine.sweep import grid_names, load_grid, plan
+    from adakd.experiments.sweep import grid_names, load_grid, plan
 
     lines = []
     for name in grid_names():

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from adakd.engine.sweep import Cell, Sweep, SweepError
+from adakd.experiments.sweep import Cell, Sweep, SweepError
 
 MISSING = "–"
 
@@ -430,7 +430,7 @@ def format_table(root: str | Path, metric: str = "last", fmt: str = "md", topk: 
 def plot_sweep(root: str | Path, out: str | Path | None = None, metric: str = "last") -> list[Path]:
     """delta.png: Δ of every compared value against the reference per table cell, mean with ± std error bars;
     without a compare axis, accuracy.png: mean ± std per cell."""
-    from adakd.engine.plots import pyplot
+    from adakd.experiments.plots import pyplot
 
     plt = pyplot()
     results = Results(Sweep(root), metric)
@@ -473,7 +473,7 @@ def plot_sweep(root: str | Path, out: str | Path | None = None, metric: str = "l
 def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None, metric: str = "test/acc1"
                  ) -> tuple[str, Path | None]:
     """A table of runs side by side (last, best) and their test accuracy curves overlaid in one PNG."""
-    from adakd.engine.plots import read_metrics, run_name
+    from adakd.experiments.plots import read_metrics, run_name
 
     rows, curves = [], []
     for run in run_dirs:
@@ -496,7 +496,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
         lines.append(f"{name:<{width}}  {epochs:>6}  {last if last is None else f'{last:.2f}':>7}  {best_text:>14}")
     path = None
     try:
-        from adakd.engine.plots import PlottingUnavailable, pyplot
+        from adakd.experiments.plots import PlottingUnavailable, pyplot
 
         plt = pyplot()
     except PlottingUnavailable:

@@ -10,7 +10,7 @@ from adakd.data import DatasetError
 from adakd.engine.config import ConfigError, preset_names, resolve
 from adakd.engine.distributed import pick_device
 from adakd.engine.loop import evaluate
-from adakd.engine.trainer import load_data
+from adakd.engine.build import load_data
 from adakd.models.teachers import PUBLISHED, PublishedTeacher, TeacherError, find, get, published_top1, teachers_dir
 
 

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from adakd.cli import main
-from adakd.engine.launch import run_sweep
-from adakd.engine.sweep import Sweep, SweepError, grid_names, load_grid, plan
-from adakd.engine.sweep_report import format_table
+from adakd.experiments.launch import run_sweep
+from adakd.experiments.sweep import Sweep, SweepError, grid_names, load_grid, plan
+from adakd.experiments.sweep_report import format_table
 
 GRID = {
     "description": "test grid",
@@ -90,7 +90,7 @@ def test_table_has_mean_std_and_paired_delta(finished):
                 f"{statistics.stdev(deltas):.2f})")
     assert expected in rows["at"]
     csv_text = format_table(root, fmt="csv")
-    import csv  # the tidy CSV read back (tests/engine/test_table_formats.py checks every column by hand)
+    import csv  # the tidy CSV read back (tests/experiments/test_table_formats.py checks every column by hand)
 
     records = {(r["row"], r["compare"]): r for r in csv.DictReader(csv_text.splitlines())}
     assert float(records["at", "sakd"]["delta_mean"]) == pytest.approx(statistics.mean(deltas), abs=1e-9)
@@ -279,7 +279,7 @@ def test_bad_grids_give_one_line(tmp_path, capsys):
 
 
 def test_slurm_launcher_without_submitit_says_how_to_install_it(tmp_path, monkeypatch, capsys):
-    import adakd.engine.slurm as slurm
+    import adakd.experiments.slurm as slurm
 
     monkeypatch.setattr(slurm, "submitit", None)
     grid = write_grid(tmp_path, {**GRID, "axes": {"method": ["kd"], "strategy": ["standard"]}, "seeds": 1,

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from adakd.engine.launch import cpu_count, prepare, run_sweep
+from adakd.experiments.launch import cpu_count, prepare, run_sweep
 
 # Wall time measured with `python benchmarks/demo_time.py` on 2 idle CPU cores (README: the demo): 146 s.
 MEASURED_SECONDS = 150
@@ -39,7 +39,7 @@ def describe_demo(root: Path, overrides: list[str], seeds: int, jobs: int) -> st
     """Lines naming the demo's networks, images, epochs, run count and expected time, from its planned cells."""
     from adakd import models
     from adakd.engine.config import from_dict
-    from adakd.engine.trainer import load_data
+    from adakd.engine.build import load_data
 
     _, cells, _, _ = prepare("demo", overrides, root, seeds=seeds)
     teacher = next(c for c in cells if c.role == "teacher")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from adakd.engine.sweep import SweepError
+from adakd.experiments.sweep import SweepError
 
 try:
     import fcntl

@@ -263,7 +263,7 @@ def plan(grid: dict[str, Any], label: str, out: Path, overrides: list[str] | Non
     `check_teachers=False` plans a grid whose required teachers are not given (to count its cells).
     """
     from adakd import strategies
-    from adakd.engine.trainer import check_names
+    from adakd.engine.build import check_names
 
     overrides = list(overrides or [])
     axes = _axes(grid, label)
@@ -382,7 +382,7 @@ def _attach_teacher(cell: Cell, config: Any, given: dict[str, str], required: se
         cell.config["teacher"]["weights"] = str(given[name])
         return
     from adakd.data import dataset_info
-    from adakd.engine.trainer import teacher_candidate, teacher_fetch_hint
+    from adakd.engine.build import teacher_candidate, teacher_fetch_hint
 
     num_classes = dataset_info(config.data.name).get("num_classes")
     if teacher_candidate(name, num_classes) is not None:
@@ -556,7 +556,7 @@ class Sweep:
 
 def run_cell(root: str | Path, name: str, runtime: list[str] | None = None) -> dict[str, Any]:
     """Train (or finish) one planned cell in this process; its state file says how it ended."""
-    from adakd.engine.abl_pipeline import run_pipeline
+    from adakd.experiments.abl_pipeline import run_pipeline
     from adakd.engine.resumable import clear_unfinished, fit_or_resume
 
     sweep = Sweep(root)
@@ -591,12 +591,12 @@ def run_cell(root: str | Path, name: str, runtime: list[str] | None = None) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m adakd.engine.sweep ROOT CELL [KEY=VALUE ...]`: what a launcher runs for one cell."""
+    """`python -m adakd.experiments.sweep ROOT CELL [KEY=VALUE ...]`: what a launcher runs for one cell."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2:
-        print("usage: python -m adakd.engine.sweep SWEEP_DIR CELL [KEY=VALUE ...]", file=sys.stderr)
+        print("usage: python -m adakd.experiments.sweep SWEEP_DIR CELL [KEY=VALUE ...]", file=sys.stderr)
         return 2
     try:
         run_cell(args[0], args[1], args[2:])

@@ -16,9 +16,9 @@ import yaml
 from adakd import models
 from adakd.cli import main
 from adakd.engine.config import resolve
-from adakd.engine.launch import prepare
-from adakd.engine.sweep import Sweep, load_grid, plan
-from adakd.engine.sweep_lock import SweepBusyError, SweepLock
+from adakd.experiments.launch import prepare
+from adakd.experiments.sweep import Sweep, load_grid, plan
+from adakd.experiments.sweep_lock import SweepBusyError, SweepLock
 from cli_checks import fails
 from tiny_run import save_random_teacher
 
@@ -161,7 +161,7 @@ def test_table_of_a_sweep_with_a_cut_manifest_says_how_to_rebuild_it(tmp_path, c
 
 # ---- one sweep per folder
 
-HOLD = ("import sys, time\nfrom adakd.engine.sweep_lock import SweepLock\n"
+HOLD = ("import sys, time\nfrom adakd.experiments.sweep_lock import SweepLock\n"
         "with SweepLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n")
 
 

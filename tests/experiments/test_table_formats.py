@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from adakd.cli import main
-from adakd.engine.sweep import Sweep, plan
-from adakd.engine.sweep_report import CSV_COLUMNS, format_table, tex_escape
+from adakd.experiments.sweep import Sweep, plan
+from adakd.experiments.sweep_report import CSV_COLUMNS, format_table, tex_escape
 
 PAIR = "resnet56-resnet20"
 # Display names with LaTeX's specials, a unicode minus and a Greek letter: what a grid's `labels:` may hold.

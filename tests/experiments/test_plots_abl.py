@@ -13,7 +13,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from adakd.cli import main
-from adakd.engine.plots import _block_accuracy, plot_run
+from adakd.experiments.plots import _block_accuracy, plot_run
 
 ABL_FIGURES = {"accuracy.png", "losses.png", "abl_p1.png", "gamma_trajectories.png", "block_accuracy.png"}
 
