@@ -25,7 +25,7 @@ from adakd.engine.preprocessing import with_normalisation
 from adakd.engine.pretrain import freeze_pretrain_parts
 from adakd.models.external import ModelSourceError, split_source, with_config_key
 from adakd.models.layers import with_input_channels
-from adakd.strategies.base import LossWeights, Strategy
+from adakd.strategies.base import LossWeights, OptionError, RunFacts, Strategy
 
 # What build_run can build; a run that trains needs them all, `adakd eval` only the test split and the student.
 PARTS = ("train", "test", "student", "teacher", "distiller", "strategy")
@@ -38,7 +38,7 @@ class Run:
     config: RunConfig
     num_classes: int
     input_shape: tuple[int, ...]  # one image, channels first
-    # The whole training set's targets, before any held-out split (CRD's memory rows, ABL's run length).
+    # The whole training set's targets, before any held-out split (CRD's memory rows, the run's length).
     train_targets: torch.Tensor | None = None
     train_set: Any = None  # without the held-out part
     test_set: Any = None
@@ -47,7 +47,7 @@ class Run:
     batch: int | None = None  # per process: data.batch_size / world size
     student: models.StagedModel | None = None
     teacher: models.StagedModel | None = None
-    teacher_is_trained: bool = False  # False for a teacher redrawn at random (SAKD's scratch ablation)
+    teacher_is_trained: bool = False  # False for a teacher the strategy redraws at random
     distiller: nn.Module | None = None
     student_spots: list[int] = field(default_factory=list)
     teacher_spots: list[int] = field(default_factory=list)
@@ -184,16 +184,34 @@ def check_names(config: RunConfig) -> None:
 
 
 
-def hold_out(train_set, config: RunConfig) -> tuple[Any, Any, dict[str, Any]]:
+def hold_out(train_set, fraction: float, seed: int) -> tuple[Any, Any, dict[str, Any]]:
     """(training part, held-out part, what split.json records) of the training set, stratified by class, for a
     strategy that learns on a held-out part (§6.1)."""
-    fraction = float(config.strategy.args.get("val_fraction", 0.5))
     try:
-        train_idx, held_idx = stratified_split(torch.as_tensor(train_set.targets), fraction, config.seed)
+        train_idx, held_idx = stratified_split(torch.as_tensor(train_set.targets), fraction, seed)
     except ValueError as err:
-        raise ConfigError(f"strategy.args.val_fraction: {err}") from None
-    split = {"fraction": fraction, "seed": config.seed, "train": train_idx.tolist(), "held_out": held_idx.tolist()}
+        raise ConfigError(f"strategy.args: the held-out split: {err}") from None
+    split = {"fraction": fraction, "seed": seed, "train": train_idx.tolist(), "held_out": held_idx.tolist()}
     return subset(train_set, train_idx), subset(train_set, held_idx), split
+
+
+def run_facts(config: RunConfig, input_shape: tuple[int, ...], num_classes: int,
+              train_targets: torch.Tensor | None) -> RunFacts:
+    """What the data says of the run, for the strategy's options: the steps of optim.epochs over the whole training
+    set (before any held-out split) when its targets are known."""
+    steps = (config.optim.epochs * math.ceil(len(train_targets) / config.data.batch_size)
+             if train_targets is not None else None)
+    return RunFacts(tuple(input_shape), num_classes, steps)
+
+
+def strategy_options(config: RunConfig, facts: RunFacts) -> Any:
+    """The strategy's typed options (Strategy.resolve_options); a refused value is a ConfigError naming it."""
+    try:
+        return strategies.get(config.strategy.name).resolve_options(dict(config.strategy.args), facts)
+    except OptionError as err:
+        raise ConfigError(f"strategy.args.{err.key}: {err.problem}") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"strategy.args: {err}") from None
 
 
 def loss_weights(config: RunConfig, distiller) -> LossWeights:
@@ -211,24 +229,16 @@ def build_strategy(config: RunConfig, run: Run, student: nn.Module, dist: DistIn
     """The strategy of `config` driving `student` (the staged student, or its DDP wrapper) with the run's teacher and
     distiller; under DDP, its own modules get SyncBN and the distiller's learning heads their own DDP wrapper."""
     strategy_cls = strategies.get(config.strategy.name)
-    strategy_args = dict(config.strategy.args)
-    option_class = getattr(strategy_cls, "option_class", None)
-    option_fields = {f.name for f in dataclasses.fields(option_class)} if option_class else set()
-    if "input_size" in option_fields:  # a strategy that measures shapes (SAKD's adapters) gets the data's size
-        strategy_args.setdefault("input_size", run.input_shape[-1])
-        if "input_channels" in option_fields:
-            strategy_args.setdefault("input_channels", run.input_shape[0])
-    if "run_steps" in option_fields and run.train_targets is not None:  # a strategy sized to the run (ABL's
-        # search_scale=auto): the steps of optim.epochs over the whole training set, before any held-out split
-        strategy_args.setdefault("run_steps", config.optim.epochs
-                                 * math.ceil(len(run.train_targets) / config.data.batch_size))
+    facts = run_facts(config, run.input_shape, run.num_classes, run.train_targets)
     try:
         strategy = strategy_cls(student, run.teacher, run.distiller, loss_weights(config, run.distiller),
-                                run.student_spots, run.teacher_spots, **strategy_args)
+                                run.student_spots, run.teacher_spots, facts=facts, **config.strategy.args)
+    except OptionError as err:
+        raise ConfigError(f"strategy.args.{err.key}: {err.problem}") from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"strategy.args: {err}") from None
     if config.sync_bn and dist.distributed:
-        for module in strategy.owned_modules():  # ABL's heads, SAKD's adapters: same batch statistics
+        for module in strategy.owned_modules():  # heads, adapters, policies: same batch statistics
             distributed.convert_sync_batchnorm(module)
     distiller = run.distiller
     if distiller is not None and dist.distributed and any(p.requires_grad for p in distiller.parameters()):
@@ -265,19 +275,28 @@ def build_run(config: RunConfig, parts: Sequence[str] = PARTS, *, dist: DistInfo
         train_set = load_data(config, "train")
     if "test" in parts:
         test_set = load_data(config, "test")
+    known = train_set if train_set is not None else test_set
+    if known is not None:  # before any held-out split: one read of a sample, as every seeded run has made
+        num_classes, input_shape = known.num_classes, tuple(known[0][0].shape)
+    if num_classes is None or input_shape is None:
+        raise ValueError("build_run: without the train or test part, give num_classes and input_shape")
+    strategy_cls = strategies.get(config.strategy.name)
+    options: list[Any] = []  # the strategy's options, resolved once when first asked for
+
+    def options_now() -> Any:
+        if not options:
+            options.append(strategy_options(config, run_facts(config, input_shape, num_classes, train_targets)))
+        return options[0]
+
     if train_set is not None:
         train_targets = train_set.targets
-        if getattr(strategies.get(config.strategy.name), "needs_validation", False):
-            train_set, val_set, split = hold_out(train_set, config)
+        fraction = strategy_cls.validation_fraction(options_now())
+        if fraction is not None:
+            train_set, val_set, split = hold_out(train_set, fraction, config.seed)
         batch = config.data.batch_size // dist.world_size
         if batch * dist.world_size != config.data.batch_size:
             raise ConfigError(f"data.batch_size {config.data.batch_size} (the global batch) must be divisible by "
                               f"the {dist.world_size} processes")
-    known = train_set if train_set is not None else test_set
-    if known is not None:
-        num_classes, input_shape = known.num_classes, tuple(known[0][0].shape)
-    if num_classes is None or input_shape is None:
-        raise ValueError("build_run: without the train or test part, give num_classes and input_shape")
     run = Run(config, num_classes, input_shape, train_targets=train_targets, train_set=train_set,
               test_set=test_set, val_set=val_set, split=split, batch=batch, notes=notes)
 
@@ -294,8 +313,8 @@ def build_run(config: RunConfig, parts: Sequence[str] = PARTS, *, dist: DistInfo
         if place:
             run.student.to(dist.device, memory_format=memory_format)
     if distill and "teacher" in parts:
-        # SAKD's scratch-teacher ablation redraws the teacher's weights, so it needs no file.
-        scratch = config.strategy.args.get("teacher_init") == "scratch"
+        # A strategy that redraws the teacher's weights itself needs no file.
+        scratch = "teacher" in start_weights and not strategy_cls.needs_teacher_weights(options_now())
         if "teacher" in start_weights:
             teacher = build_model(config.teacher, num_classes, "teacher", needs_weights=not scratch,
                                   in_chans=channels, on_note=notes.append)

@@ -83,6 +83,10 @@ class OptimConfig:
     scale_lr_with_batch: bool = False  # lr *= global_batch / 256 (the ImageNet convention)
     # Bound on the total 2-norm of each optimiser's gradients, taken after unscaling under AMP; None: no clipping.
     clip_grad_norm: float | None = None
+    # Micro-batches per optimiser step (gradient accumulation): N batches of data.batch_size step as one of N times
+    # that size (scale_lr_with_batch counts N * batch_size); each epoch still ends on a step. BatchNorm still sees
+    # each micro-batch alone.
+    accumulate: int = 1
 
 
 @dataclass(frozen=True)
@@ -400,6 +404,7 @@ def validate(config: RunConfig) -> None:
         (list(config.optim.milestones) == sorted(config.optim.milestones), "optim.milestones", "must be increasing"),
         (config.optim.clip_grad_norm is None or config.optim.clip_grad_norm > 0, "optim.clip_grad_norm",
          "must be > 0 (or null for no clipping)"),
+        (config.optim.accumulate >= 1, "optim.accumulate", "must be >= 1 (micro-batches per optimiser step)"),
         (config.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
         (config.data.test_batch_size >= 1, "data.test_batch_size", "must be >= 1"),
         (config.data.num_workers is None or config.data.num_workers >= 0, "data.num_workers",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Iterable
+from typing import Iterable, Sized
 
 import torch
 from torch import nn
@@ -31,13 +31,21 @@ def train_one_epoch(
     progress: bool = True,
     first_step: int = 0,
 ) -> dict[str, float]:
-    """Run every batch through `strategy.training_step`; return per-sample means of every term."""
+    """Run every batch through `strategy.training_step`; return per-sample means of every term.
+
+    Each batch is a micro-batch placed in its optimiser step first (`optim.accumulate`): the epoch's length tells
+    the strategy where the last step ends, so accumulation needs a loader with a length.
+    """
+    if not isinstance(loader, Sized) and strategy.accumulate > 1:
+        raise ValueError("gradient accumulation needs a training loader with a length (to step at the epoch's end)")
+    count = len(loader) if isinstance(loader, Sized) else None
     strategy.train(True)
     sums: dict[str, torch.Tensor] = {}
     seen = 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
     for step, (images, targets, indices) in enumerate(bar, 1):
+        strategy.begin_micro_batch(step - 1, count)
         out = strategy.training_step(images, targets, indices, epoch, first_step + step - 1)
         batch = targets.shape[0]
         for name, value in out.items():

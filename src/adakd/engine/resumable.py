@@ -13,9 +13,18 @@ from adakd.models.checkpoint import CheckpointError
 class UnreadableCheckpointError(RunDirError):
     """An interrupted run's last.pth is truncated or corrupt: it can only restart from scratch."""
 
-# Everything a run writes before its first last.pth (a kill can land between any two of these writes).
+# Everything the engine writes before a run's first last.pth (a kill can land between any two of these writes);
+# the strategies' own files (Strategy.run_files) are added by before_first_checkpoint.
 _BEFORE_FIRST_CHECKPOINT = {"config.yaml", "meta.json", "split.json", "tensorboard", "metrics.csv", "metrics.jsonl",
-                            "abl_gamma.csv", "gamma.json", "best.pth", "pretrain.csv", "log.txt", "teacher.json"}
+                            "best.pth", "pretrain.csv", "log.txt", "teacher.json"}
+
+
+def before_first_checkpoint() -> set[str]:
+    """Names a run folder may hold before its first last.pth: the engine's files and every strategy's run_files."""
+    from adakd import strategies
+
+    declared = {name for key in strategies.available() for name in strategies.get(key).run_files}
+    return _BEFORE_FIRST_CHECKPOINT | declared
 
 
 def fit_or_resume(run_dir: Path, values: dict[str, Any], runtime: list[str] | None = None,
@@ -55,7 +64,7 @@ def fit_or_resume(run_dir: Path, values: dict[str, Any], runtime: list[str] | No
 def clear_unfinished(run_dir: Path) -> None:
     """Remove a run folder that holds no checkpoint (only config and metadata were written)."""
     leftovers = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")}  # temp files of cut writes
-    if not leftovers <= _BEFORE_FIRST_CHECKPOINT:
+    if not leftovers <= before_first_checkpoint():
         raise RunDirError(f"{str(run_dir)!r} holds files but no last.pth: inspect or remove it, then rerun")
     for path in sorted(run_dir.rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()

@@ -166,10 +166,10 @@ def compile_options(device: torch.device) -> dict[str, Any]:
 def compile_networks(strategy: Strategy, device: torch.device, note: Callable[[str], None]) -> list[str]:
     """Compile, in place, the forwards of the staged student and teacher that `strategy` drives; returns their names.
 
-    Strategies call these views as modules (whole forwards, SAKD's routing segments), so compiling the view's own
+    Strategies call these views as modules (whole forwards, routing segments), so compiling the view's own
     `forward` reaches every such call, while parameters, `state_dict` keys and checkpoints stay those of eager
     runs. A view whose forward fails to compile runs eagerly from then on, with one `note`. A strategy that runs the
-    student block by block outside the view's forward (ABL's detached blocks) gets only its teacher compiled.
+    student block by block outside the view's forward (detached blocks) gets only its teacher compiled.
     """
     import torch._dynamo  # late: only compiled runs pay for importing the compiler
 
@@ -179,7 +179,7 @@ def compile_networks(strategy: Strategy, device: torch.device, note: Callable[[s
             module.forward = _eager_on_failure(module, torch.compile(module.forward, **compile_options(device)),
                                                part, note)
             compiled.append(part)
-    # Every view, shape and mode (SAKD's segments, the tail batch, eval) is one cache entry of the same code object;
+    # Every view, shape and mode (routing segments, the tail batch, eval) is one cache entry of the same code object;
     # torch's default of 8 would silently leave the rest eager. (torch < 2.6 names the limit cache_size_limit.)
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
@@ -206,7 +206,7 @@ def _eager_on_failure(module: nn.Module, compiled: Callable, part: str, note: Ca
 def _marking_steps(training_step: Callable) -> Callable:
     """`training_step` that first tells CUDA graphs a new step begins.
 
-    A step may leave a compiled forward's backward unrun (SAKD's agent backward reaches only what it needs), and
+    A step may leave a compiled forward's backward unrun (a policy's backward may reach only what it needs), and
     CUDA-graph trees would then wait for it instead of reusing the last step's memory.
     """
 
@@ -249,7 +249,8 @@ class Trainer:
         self.strategy = built.strategy
         if config.compile:
             compile_networks(self.strategy, device, lambda text: self.say(text, warning=True))
-        self.lr = base_lr(config.optim, config.data.batch_size)
+        # The batch an optimiser step sees: accumulated micro-batches count (for scale_lr_with_batch).
+        self.lr = base_lr(config.optim, config.data.batch_size * config.optim.accumulate)
         self.optimizers = build_optimizers(self.strategy.param_groups(), config.optim, self.lr)
         self.schedule = MultiStepSchedule(config.optim, self.optimizers, self.lr)
         self.precision = Precision(device, config.amp)
@@ -259,11 +260,11 @@ class Trainer:
                                                  drop_last=self.single_sample_tail(self.train_set), **loader_args)
         self.test_loader = datasets.make_loader(
             self.test_set, max(1, config.data.test_batch_size // self.dist.world_size), train=False, **loader_args)
-        # A strategy bounded in iterations (ABL's search) runs as many epochs as they need.
+        # A strategy bounded in iterations (a search stage) runs as many epochs as they need.
         max_steps = self.strategy.max_steps
         self.epochs = math.ceil(max_steps / len(self.train_loader)) if max_steps else config.optim.epochs
         self.strategy.attach(self.optimizers, self.precision, total_steps=self.epochs * len(self.train_loader),
-                             clip_grad_norm=config.optim.clip_grad_norm)
+                             clip_grad_norm=config.optim.clip_grad_norm, accumulate=config.optim.accumulate)
         self.run = RunDir(run_path, enabled=self.dist.is_main, tensorboard=config.log.tensorboard)
         self.epoch, self.step, self.best = 0, 0, {"acc1": -1.0, "epoch": 0}
         # The values auto settings resolved to on this machine (config.yaml keeps null, so a resume re-resolves).
@@ -406,7 +407,7 @@ class Trainer:
             else:
                 self.say(f"run {self.run.path}: resumed after epoch {self.epoch}")
             self.say(self.schedule_text())
-            for text, warning in self.strategy.start_notices():  # e.g. how ABL's search was sized
+            for text, warning in self.strategy.start_notices():  # e.g. how a search stage was sized
                 self.say(text, warning=warning)
             if self.epoch == 0 and self.distiller is not None and self.distiller.pretrain_epochs > 0:
                 self._pretrain(progress)

@@ -22,7 +22,7 @@ def export_decisions(run_dir: str | Path, spot: str, batch_size: int = 256) -> t
     """
     trainer = Trainer.resume(run_dir)
     strategy = trainer.strategy
-    if not hasattr(strategy, "decide"):
+    if not strategy.decision_names():
         raise ConfigError(f"strategy {trainer.config.strategy.name!r} makes no per-sample decisions; "
                           "`adakd decisions` reads runs of an adaptive strategy such as sakd")
     names = strategy.decision_names()

@@ -103,7 +103,7 @@ def configured_warm_steps(run_dir: str | Path) -> int | None:
         cls = strategies.get(strategy["name"])
     except UnknownNameError:
         return None
-    option_class = getattr(cls, "option_class", None)
+    option_class = cls.option_class
     if option_class is None or not dataclasses.is_dataclass(option_class):
         return None
     fields = {f.name for f in dataclasses.fields(option_class)}
@@ -111,7 +111,7 @@ def configured_warm_steps(run_dir: str | Path) -> int | None:
         return None
     # Precedence of the strategy itself: the user's args over the class preset over the options' default; the
     # options class applies its own rules (search_scale), so the figure shows the warm start the run used.
-    merged = {**(getattr(cls, "preset", None) or {}), **(strategy.get("args") or {})}
+    merged = {**cls.preset, **(strategy.get("args") or {})}
     try:
         options = option_class(**{k: v for k, v in merged.items() if k in fields})
     except (TypeError, ValueError):

@@ -321,8 +321,8 @@ def plan(grid: dict[str, Any], label: str, out: Path, overrides: list[str] | Non
             values = to_dict(config)
             kind = "distill" if config.task == "distill" else "train"
             strategy_cls = strategies.get(config.strategy.name)
-            search_options = getattr(strategy_cls, "search_options", ())
-            if kind == "distill" and getattr(strategy_cls, "search_strategy", None) and not any(
+            search_options = strategy_cls.search_options
+            if kind == "distill" and strategy_cls.search_strategy and not any(
                     k in config.strategy.args for k in search_options):
                 kind = "pipeline"
             cell = Cell(name, kind, coords, seed, values)

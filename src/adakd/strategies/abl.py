@@ -10,10 +10,9 @@ The block mechanics live in abl_blocks.py, the options in abl_options.py, the se
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +26,7 @@ from adakd.strategies.abl_blocks import (BlockForward, Components, ScaleGrad, av
                                          broadcast_buffers, cross_entropy_upcast, forward_blocks)
 from adakd.strategies.abl_heads import build_aux_heads
 from adakd.strategies.abl_options import ABLOptions, check_options
-from adakd.strategies.base import LossWeights, Strategy
+from adakd.strategies.base import LossWeights, RunFacts, Strategy
 from adakd.strategies.registry import register_strategy
 
 
@@ -35,20 +34,31 @@ class ABLBase(Strategy):
     """The ABL step (§3) with p from `initial_p`; subclasses choose p and may add the bilevel search."""
 
     option_class: ClassVar[type] = ABLOptions
-    preset: ClassVar[dict[str, Any]] = {}
     uses_heads: ClassVar[bool] = True
+
+    @classmethod
+    def options_from_facts(cls, facts: RunFacts) -> dict[str, Any]:
+        """The data's input size and channels (the heads are built from measured block shapes) and, when known, the
+        run's length in steps (search_scale=auto sizes the search from it)."""
+        given = {"input_size": facts.input_shape[-1], "input_channels": facts.input_shape[0]}
+        if facts.run_steps is not None:
+            given["run_steps"] = facts.run_steps
+        return given
+
+    @classmethod
+    def resolve_options(cls, args: Mapping[str, Any], facts: RunFacts | None = None) -> ABLOptions:
+        """Strategy.resolve_options with YAML lists made tuples (gamma, p1, meta_betas), then the range checks."""
+        args = {key: tuple(tuple(v) if isinstance(v, list) else v for v in value)
+                if key in ("gamma", "p1", "meta_betas") and isinstance(value, list) else value
+                for key, value in args.items()}
+        options = super().resolve_options(args, facts)
+        check_options(options)
+        return options
 
     def __init__(self, student: nn.Module, teacher: StagedModel | None, distiller, weights: LossWeights,
                  student_spots: list[int] | None = None, teacher_spots: list[int] | None = None,
-                 **options: Any) -> None:
-        known = {f.name for f in dataclasses.fields(ABLOptions)} - {"search_plan"}  # resolved, never given
-        chosen = {**self.preset, **{k: options.pop(k) for k in list(options) if k in known}}
-        super().__init__(student, teacher, distiller, weights, student_spots, teacher_spots, **options)
-        for key in ("gamma", "p1", "meta_betas"):
-            if isinstance(chosen.get(key), list):
-                chosen[key] = tuple(tuple(v) if isinstance(v, list) else v for v in chosen[key])
-        self.options = ABLOptions(**chosen)
-        check_options(self.options)
+                 facts: RunFacts | None = None, **options: Any) -> None:
+        super().__init__(student, teacher, distiller, weights, student_spots, teacher_spots, facts, **options)
         if teacher is None or distiller is None:
             raise ValueError(f"{type(self).__name__} needs a teacher and a distiller (task=distill)")
         # Gradients are assembled by hand, so the steps run on the bare model; DDP is replaced by explicit averaging.

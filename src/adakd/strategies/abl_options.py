@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adakd.strategies.abl_heads import AUX_KINDS
+from adakd.strategies.base import OptionError
 
 HYPERGRADS = ("exact", "fd_blockwise")
 VAL_OBJECTIVES = ("kd_total", "ce", "composite")
@@ -55,7 +56,7 @@ class ABLOptions:
     run_steps: int | None = None
     # What resolve_search decided (scale, counts, floor, cap): set once, so a copy (dataclasses.replace) keeps the
     # resolved fields as they are instead of scaling them again.
-    search_plan: dict | None = dataclasses.field(default=None, compare=False)
+    search_plan: dict | None = dataclasses.field(default=None, compare=False, metadata={"resolved": True})
 
     def __post_init__(self) -> None:
         if self.search_plan is not None:
@@ -168,7 +169,7 @@ def check_options(opts: ABLOptions) -> None:
         if getattr(opts, name) not in allowed:
             raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(opts, name)!r}")
     if not 0.0 < opts.val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {opts.val_fraction}")
+        raise OptionError("val_fraction", f"the held-out fraction must lie in (0, 1), got {opts.val_fraction}")
     for name in ("warm_steps", "meta_steps", "early_stop_window"):
         if getattr(opts, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(opts, name)}")

@@ -69,7 +69,10 @@ def steps_budget(options: ABLOptions) -> int:
 class ABLSearch(ABLBase):
     """Stage 1 (§6): warm start at gamma = 0, then alternating gamma (held-out split) and weight updates."""
 
-    needs_validation: ClassVar[bool] = True
+    # What it writes into the run folder: the gamma rows (drain_records) and gamma.json (artifacts).
+    run_files: ClassVar[tuple[str, ...]] = ("abl_gamma.csv", "gamma.json")
+    # Each gamma update looks one real SGD step ahead of the weights, so every micro-batch must be a step.
+    accumulates: ClassVar[bool] = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -105,10 +108,10 @@ class ABLSearch(ABLBase):
         """Iterations stage 1 needs at most (the engine runs enough epochs for them)."""
         return steps_budget(self.options)
 
-    @property
-    def validation_fraction(self) -> float:
+    @classmethod
+    def validation_fraction(cls, options: ABLOptions) -> float:
         """Share of the training set held out for gamma (§6.1)."""
-        return self.options.val_fraction
+        return options.val_fraction
 
     @property
     def validation_batches_used(self) -> int:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,33 @@ from adakd.ranks import average_gradients
 
 
 @dataclass(frozen=True)
+class MicroBatch:
+    """Where one micro-batch sits in its optimiser step under gradient accumulation (`optim.accumulate`).
+
+    The default, one micro-batch per step, is training without accumulation.
+    """
+
+    first: bool = True  # starts a step: the optimiser's gradients are zeroed before its backward
+    last: bool = True  # ends a step: rank averaging, clipping and the optimiser step follow its backward
+    of: int = 1  # micro-batches in this step: each backward carries 1/of of the step's gradient
+
+
+def micro_batch_at(index: int, count: int | None, accumulate: int) -> MicroBatch:
+    """The place of the 0-based micro-batch `index` of an epoch of `count` (None: unknown), stepping every
+    `accumulate` of them.
+
+    An epoch's last micro-batch always ends a step, so no gradient is carried across an epoch end or into a
+    checkpoint; a shorter last step divides by its own micro-batch count (a mean over its samples, as a smaller
+    last batch would give).
+    """
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+    position = index % accumulate
+    size = accumulate if count is None else min(accumulate, count - (index - position))
+    return MicroBatch(first=position == 0, last=position == size - 1, of=size)
+
+
+@dataclass(frozen=True)
 class LossWeights:
     """total = ce * CE + kl * KL_T + method * (each distiller term)."""
 
@@ -22,6 +50,25 @@ class LossWeights:
     method: float = 0.0
     kl: float = 0.0
     temperature: float = 4.0
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the run's data says, handed to a strategy's options: one image's shape (channels first), the number of
+    classes, and the run's length in optimiser steps over the whole training set (None when unknown)."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    run_steps: int | None = None
+
+
+class OptionError(ValueError):
+    """A strategy option's value is refused; `key` names the option, so the engine reports strategy.args.<key>."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
 
 
 class Precision:
@@ -72,14 +119,28 @@ class Strategy:
     The engine builds one optimiser per entry of `param_groups()` and hands them over with `attach`.
     Everything `training_step` returns is detached and stays on the device.
 
-    Optional protocol (defaults below do nothing): `needs_validation` asks the engine to hold out
-    `validation_fraction` of the training set and stream it through `attach_validation`; `max_steps` bounds the
-    run in iterations and `should_stop` ends it early; `evaluate`, `drain_records` and `artifacts` add test
-    metrics, per-step CSV rows and JSON files to the run directory.
+    The protocol below is all the engine knows of a strategy; every hook has a default that does nothing.
+    Class level, read before the strategy is built: `option_class` and `preset` (its typed options),
+    `resolve_options(args, facts)`, `needs_teacher_weights(options)`, `validation_fraction(options)`,
+    `search_strategy` / `search_options` (a stage that runs first) and `run_files`. Per instance: `attach`,
+    `attach_validation`, `max_steps`, `should_stop`, `evaluate`, `drain_records`, `artifacts`, `start_notices`,
+    `decision_names` / `decide`, `owned_modules`, `state_dict` / `load_state_dict`, `training_step`.
     """
 
-    needs_validation: bool = False
+    option_class: ClassVar[type | None] = None
+    """Frozen dataclass of the strategy's options (None: the strategy takes none); `self.options` holds one."""
+    preset: ClassVar[dict[str, Any]] = {}
+    """Option values of this registered name over the options class's defaults (the user's args win)."""
+    search_strategy: ClassVar[str | None] = None
+    """Registered name of the stage that runs first when none of `search_options` is given (None: no search)."""
+    search_options: ClassVar[tuple[str, ...]] = ()
+    """Options that carry a finished search's result; given any of them, the search stage is skipped."""
+    run_files: ClassVar[tuple[str, ...]] = ()
+    """Files the strategy writes into the run folder (its records' CSVs, its artifacts' JSON); a restart keeps them."""
     max_steps: int | None = None
+    """The run's length in iterations when the strategy bounds it (the engine runs enough epochs); None: optim.epochs."""
+    accumulates: ClassVar[bool] = True
+    """Whether `optim.accumulate` > 1 may run it; False for a step that must update the weights every micro-batch."""
 
     def __init__(
         self,
@@ -89,10 +150,10 @@ class Strategy:
         weights: LossWeights,
         student_spots: list[int] | None = None,
         teacher_spots: list[int] | None = None,
+        facts: RunFacts | None = None,
         **options: Any,
     ) -> None:
-        if options:
-            raise ValueError(f"unknown strategy option(s) {sorted(options)} for {type(self).__name__}")
+        self.options = type(self).resolve_options(options, facts)
         self.student = student  # a StagedModel, or DDP around one
         self.teacher = teacher
         self.distiller = distiller
@@ -105,6 +166,54 @@ class Strategy:
         self.precision = Precision(torch.device("cpu"), enabled=False)
         self.total_steps = 1
         self.clip_grad_norm: float | None = None
+        self.accumulate = 1
+        self.micro_batch = MicroBatch()
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """Options a user may give (resolved-only fields, marked `metadata={"resolved": True}`, excluded)."""
+        if cls.option_class is None:
+            return set()
+        return {f.name for f in dataclasses.fields(cls.option_class) if not f.metadata.get("resolved")}
+
+    @classmethod
+    def options_from_facts(cls, facts: RunFacts) -> dict[str, Any]:
+        """Option values taken from the run's facts (e.g. the input size to measure shapes at); the user's win."""
+        return {}
+
+    @classmethod
+    def resolve_options(cls, args: Mapping[str, Any], facts: RunFacts | None = None) -> Any:
+        """The typed options from preset, run facts and user args (None without `option_class`); ValueError if bad."""
+        unknown = sorted(set(args) - cls.option_names())
+        if unknown:
+            raise ValueError(f"unknown strategy option(s) {unknown} for {cls.__name__}")
+        if cls.option_class is None:
+            return None
+        return cls.option_class(**{**cls.preset, **(cls.options_from_facts(facts) if facts else {}), **args})
+
+    @classmethod
+    def needs_teacher_weights(cls, options: Any) -> bool:
+        """Whether the teacher must load trained weights (False when the strategy redraws them itself)."""
+        return True
+
+    @classmethod
+    def validation_fraction(cls, options: Any) -> float | None:
+        """Share of the training set held out and streamed to `attach_validation` (None: no held-out split)."""
+        return None
+
+    @property
+    def needs_validation(self) -> bool:
+        """Whether this strategy learns on a held-out split (its `validation_fraction` is not None)."""
+        return self.validation_fraction(self.options) is not None
+
+    @property
+    def validation_batches_used(self) -> int:
+        """Held-out batches consumed so far: where a resumed run's held-out stream starts again."""
+        return 0
+
+    def attach_validation(self, batches: Iterator) -> None:
+        """Receive the endless stream of held-out batches, positioned after `validation_batches_used`."""
+        self.val_batches = batches
 
     def param_groups(self) -> dict[str, Any]:
         """Trainable parameters per optimiser: the student and the distiller's parts share "main".
@@ -117,13 +226,29 @@ class Strategy:
         return {"main": params}
 
     def attach(self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision,
-               total_steps: int = 1, clip_grad_norm: float | None = None) -> None:
-        """Receive the optimisers built from `param_groups()`, the precision policy, the run's length in steps and
-        the gradient-norm bound of every optimiser step (None: no clipping)."""
+               total_steps: int = 1, clip_grad_norm: float | None = None, accumulate: int = 1) -> None:
+        """Receive the optimisers built from `param_groups()`, the precision policy, the run's length in steps (micro-
+        batches), the gradient-norm bound of every optimiser step (None: no clipping) and the micro-batches per
+        optimiser step (gradient accumulation)."""
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+        if accumulate > 1 and not self.accumulates:
+            raise ValueError(f"{type(self).__name__} does not support gradient accumulation (optim.accumulate="
+                             f"{accumulate}); run it with optim.accumulate=1")
         self.optimizers = optimizers
         self.precision = precision
         self.total_steps = total_steps
         self.clip_grad_norm = clip_grad_norm
+        self.accumulate = accumulate
+        self.micro_batch = MicroBatch()
+
+    def begin_micro_batch(self, index: int, count: int | None) -> None:
+        """Called by the loop before `training_step` of the 0-based micro-batch `index` of an epoch of `count`.
+
+        Places it in its optimiser step (every `accumulate` micro-batches and at the epoch's end). A strategy driven
+        without these calls steps on every `training_step`, as with accumulate=1.
+        """
+        self.micro_batch = micro_batch_at(index, count, self.accumulate)
 
     def optimizer_step(
         self,
@@ -143,19 +268,31 @@ class Strategy:
         look like a scaled backward's. `unsynced` are parameters outside DDP whose gradients are averaged across
         ranks here; `adjust` then edits gradients in place before clipping (`self.clip_grad_norm`, unscaled first)
         and the step, which the scaler skips on inf/NaN. `update=False` leaves the loss scale for a later step.
+
+        Gradient accumulation (`self.micro_batch`, placed by the loop): the first micro-batch of a step zeroes the
+        gradients, every one adds 1/of of its loss's (or assigned) gradients, so `of` micro-batches of B samples give
+        the gradient of one batch of of*B for a mean-reduced loss; only the last averages across ranks, adjusts
+        (on the accumulated gradients), clips and steps, so the float16 loss scale stays fixed within a step.
+        BatchNorm still normalises and updates its running statistics per micro-batch, as in any accumulation.
         """
-        optimizer.zero_grad(set_to_none=True)
+        micro = self.micro_batch
+        if micro.first:
+            optimizer.zero_grad(set_to_none=True)
         if grads is not None:
             grads = [(param, grad) for param, grad in grads if grad is not None]
             if grads and self.precision.scaler.is_enabled():
                 # The scaler creates its scale tensor in scale(), which assigned gradients never pass through;
                 # without it the step's unscale fails on the first iteration.
                 self.precision.scaler.scale(torch.zeros((), device=grads[0][1].device))
-            scale = self.precision.gradient_scale()
+            factor = self.precision.gradient_scale() / micro.of
             for param, grad in grads:
-                param.grad = (grad * scale if scale != 1.0 else grad).to(param.dtype)
+                grad = (grad * factor if factor != 1.0 else grad).to(param.dtype)
+                # Out of place: an assigned gradient may be a tensor the strategy still holds.
+                param.grad = grad if param.grad is None else param.grad + grad
         if loss is not None:
-            self.precision.backward(loss, inputs=inputs)
+            self.precision.backward(loss / micro.of if micro.of != 1 else loss, inputs=inputs)
+        if not micro.last:
+            return
         if unsynced:
             average_gradients(unsynced)
         if adjust is not None:
@@ -200,6 +337,14 @@ class Strategy:
     def should_stop(self) -> bool:
         """True when the strategy has finished before the configured epochs."""
         return False
+
+    def decision_names(self) -> list[str]:
+        """Names of the per-sample decisions `decide` returns, one column each ([]: the strategy makes none)."""
+        return []
+
+    def decide(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(decisions 0/1, their probabilities), each [B, len(decision_names())], for a batch of images."""
+        raise NotImplementedError(f"{type(self).__name__} makes no per-sample decisions")
 
     def start_notices(self) -> list[tuple[str, bool]]:
         """(line, is_warning) pairs the engine prints and logs once when the run starts (e.g. how a search was sized)."""

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from adakd.modes import eval_mode
 from adakd.numerics import at_least_float32, cross_entropy_upcast
 from adakd.ranks import is_distributed, rank, world_size
 from adakd.strategies.adapters import build_adapter
-from adakd.strategies.base import LossWeights, Strategy
+from adakd.strategies.base import LossWeights, RunFacts, Strategy
 from adakd.strategies.registry import register_strategy
 
 GUMBEL_EPS = 1e-20  # [C] models/gs.py
@@ -192,18 +192,25 @@ class SpotMasked(Strategy):
     Subclasses set `option_class` (a frozen dataclass) and `preset` (its overrides) and implement `decisions`.
     """
 
-    option_class: ClassVar[type | None] = None
-    preset: ClassVar[dict[str, Any]] = {}
+    @classmethod
+    def resolve_options(cls, args: Mapping[str, Any], facts: RunFacts | None = None) -> Any:
+        """Strategy.resolve_options, then a type check of every field against its default."""
+        options = super().resolve_options(args, facts)
+        if options is not None:
+            check_options(options)
+        return options
+
+    @classmethod
+    def options_from_facts(cls, facts: RunFacts) -> dict[str, Any]:
+        """The data's input size and channels, where the options measure shapes at them (the adapters)."""
+        names = cls.option_names()
+        channels, size = facts.input_shape[0], facts.input_shape[-1]
+        return {k: v for k, v in (("input_size", size), ("input_channels", channels)) if k in names}
 
     def __init__(self, student: nn.Module, teacher: StagedModel | None, distiller, weights: LossWeights,
                  student_spots: list[int] | None = None, teacher_spots: list[int] | None = None,
-                 **options: Any) -> None:
-        known = {f.name for f in dataclasses.fields(self.option_class)} if self.option_class else set()
-        chosen = {**self.preset, **{k: options.pop(k) for k in list(options) if k in known}}
-        super().__init__(student, teacher, distiller, weights, student_spots, teacher_spots, **options)
-        if self.option_class is not None:
-            self.options = self.option_class(**chosen)
-            check_options(self.options)
+                 facts: RunFacts | None = None, **options: Any) -> None:
+        super().__init__(student, teacher, distiller, weights, student_spots, teacher_spots, facts, **options)
         if teacher is None or distiller is None:
             raise ValueError(f"{type(self).__name__} needs a teacher and a distiller (task=distill)")
         # The routing forward must bypass DDP: it never updates the student, so nothing is to be synchronised.
@@ -217,10 +224,6 @@ class SpotMasked(Strategy):
         # DDP) the student step trains and averages across ranks by hand.
         self.teacher_learns = False
         self.unsynced_params: list[nn.Parameter] = []
-
-    def decision_names(self) -> list[str]:
-        """Spot names of the K decisions, the last being "logits"."""
-        return list(self.layout.names)
 
     def student_terms(self, student_out: StagedOutput, teacher_out: StagedOutput, targets: Tensor,
                       indices: Tensor, epoch: int, masks: Tensor) -> dict[str, Tensor]:
@@ -358,10 +361,15 @@ class SAKD(SpotMasked):
 
     option_class = SAKDOptions
 
+    @classmethod
+    def needs_teacher_weights(cls, options: SAKDOptions) -> bool:
+        """False for the scratch-teacher ablation, which redraws the teacher's weights."""
+        return options.teacher_init != "scratch"
+
     def __init__(self, student: nn.Module, teacher: StagedModel | None, distiller, weights: LossWeights,
                  student_spots: list[int] | None = None, teacher_spots: list[int] | None = None,
-                 **options: Any) -> None:
-        super().__init__(student, teacher, distiller, weights, student_spots, teacher_spots, **options)
+                 facts: RunFacts | None = None, **options: Any) -> None:
+        super().__init__(student, teacher, distiller, weights, student_spots, teacher_spots, facts, **options)
         opts = self.options
         size = (opts.input_channels, opts.input_size, opts.input_size)
         student_shapes = self.student_module.feature_shapes(size)
@@ -413,9 +421,9 @@ class SAKD(SpotMasked):
         return groups
 
     def attach(self, optimizers: dict[str, torch.optim.Optimizer], precision, total_steps: int = 1,
-               clip_grad_norm: float | None = None) -> None:
+               clip_grad_norm: float | None = None, accumulate: int = 1) -> None:
         """Strategy.attach, noting the agent's undecayed lr (freshly built optimisers hold it) for both_script."""
-        super().attach(optimizers, precision, total_steps, clip_grad_norm)
+        super().attach(optimizers, precision, total_steps, clip_grad_norm, accumulate)
         agent = optimizers.get("agent")
         self.agent_full_lr = [group["lr"] for group in agent.param_groups] if agent is not None else []
 
@@ -566,6 +574,10 @@ class SAKD(SpotMasked):
         out["loss"] = loss.detach()
         out["correct"] = (student_out.features[-1].detach().argmax(dim=1) == targets).sum()
         return out
+
+    def decision_names(self) -> list[str]:
+        """Spot names of the K decisions, the last being "logits"."""
+        return list(self.layout.names)
 
     @torch.no_grad()
     def decide(self, images: Tensor) -> tuple[Tensor, Tensor]:
