@@ -21,6 +21,7 @@ from adakd.engine.config import ConfigError, OptimConfig, RunConfig, validate
 from adakd.engine.loop import train_one_epoch
 from adakd.engine.optim import build_optimizers
 from adakd.strategies.base import LossWeights, MicroBatch, Precision, micro_batch_at
+from step_rig import build_strategy
 
 SIZE = 16
 CLASSES = 10
@@ -36,17 +37,7 @@ CASES = {
 
 def build(name: str, accumulate: int, clip: float | None = None):
     method, options = CASES[name]
-    torch.manual_seed(0)
-    student = models.staged(models.create("resnet8", num_classes=CLASSES))
-    teacher = models.frozen(models.create("resnet14", num_classes=CLASSES))
-    context = DistillContext(num_classes=CLASSES, train_targets=torch.arange(SAMPLES) % CLASSES)
-    distiller, s_spots, t_spots = distillers.create(method, student, teacher, (3, SIZE, SIZE), context=context)
-    weights = LossWeights(ce=1.0, method=type(distiller).defaults.method_weight, kl=1.0 if name == "sakd" else 0.0)
-    strategy = strategies.get(name)(student, teacher, distiller, weights, s_spots, t_spots, **options)
-    strategy.attach(build_optimizers(strategy.param_groups(), OptimConfig(), 0.05),
-                    Precision(torch.device("cpu"), False), total_steps=100, clip_grad_norm=clip,
-                    accumulate=accumulate)
-    return strategy
+    return build_strategy(name, method, options, samples=SAMPLES, clip_grad_norm=clip, accumulate=accumulate)
 
 
 def freeze_batch_norm(strategy) -> None:

@@ -12,11 +12,8 @@ import itertools
 import pytest
 import torch
 
-from adakd import distillers, models, strategies
-from adakd.distillers.base import DistillContext
-from adakd.engine.config import OptimConfig
-from adakd.engine.optim import build_optimizers
-from adakd.strategies.base import LossWeights, Precision
+from adakd import distillers, strategies
+from step_rig import build_strategy, random_batch
 from sync_counter import SyncCounter
 
 SIZE = 16
@@ -40,28 +37,14 @@ KNOWN_SYNCS: dict[tuple[str, str], str] = {}
 
 
 def build(strategy_name: str, method: str):
-    torch.manual_seed(0)
-    s = models.staged(models.create("resnet8", num_classes=CLASSES))
-    t = models.frozen(models.create("resnet14", num_classes=CLASSES))
-    context = DistillContext(num_classes=CLASSES, train_targets=torch.arange(64) % CLASSES)
-    d, s_spots, t_spots = distillers.create(method, s, t, (3, SIZE, SIZE), context=context,
-                                            **({"num_negatives": 16} if method == "crd" else {}))
-    weights = LossWeights(ce=1.0, method=type(d).defaults.method_weight, kl=1.0 if strategy_name == "sakd" else 0.0)
-    strategy = strategies.get(strategy_name.removesuffix("-warm"))(s, t, d, weights, s_spots, t_spots,
-                                                                   **OPTIONS[strategy_name])
-    strategy.attach(build_optimizers(strategy.param_groups(), OptimConfig(), 0.05),
-                    Precision(torch.device("cpu"), False), total_steps=100)
+    strategy = build_strategy(strategy_name.removesuffix("-warm"), method, OPTIONS[strategy_name],
+                              distiller_args={"num_negatives": 16} if method == "crd" else None)
     strategy.train(True)
     if strategy.needs_validation:
-        strategy.attach_validation(itertools.repeat(batch(seed=99)))
+        strategy.attach_validation(itertools.repeat(random_batch(seed=99)))
     return strategy
 
 
-def batch(seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(BATCH, 3, SIZE, SIZE, generator=generator)
-    indices = torch.randperm(64, generator=generator)[:BATCH]
-    return images, indices % CLASSES, indices
 
 
 def combinations():
@@ -88,10 +71,10 @@ def optimizer_step_counters(strategy):
 
 
 def count_step_syncs(strategy) -> SyncCounter:
-    strategy.training_step(*batch(seed=0), epoch=1, step=0)  # warm-up, not counted
+    strategy.training_step(*random_batch(seed=0), epoch=1, step=0)  # warm-up, not counted
     with SyncCounter(host_resident=optimizer_step_counters(strategy)) as syncs:
         for step in range(1, 1 + COUNTED_STEPS):
-            out = strategy.training_step(*batch(seed=step), epoch=1, step=step)
+            out = strategy.training_step(*random_batch(seed=step), epoch=1, step=step)
     assert all(torch.isfinite(v).all() for v in out.values() if v.is_floating_point())
     return syncs
 

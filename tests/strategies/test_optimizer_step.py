@@ -12,11 +12,8 @@ import dataclasses
 import pytest
 import torch
 
-from adakd import distillers, models, strategies
-from adakd.distillers.base import DistillContext
 from adakd.engine.config import ConfigError, OptimConfig, RunConfig, validate
-from adakd.engine.optim import build_optimizers
-from adakd.strategies.base import LossWeights, Precision
+from step_rig import build_strategy, random_batch
 
 SIZE = 16
 CLASSES = 10
@@ -37,31 +34,18 @@ CASES = {
 
 def build(name: str, clip: float | None):
     method, options = CASES[name]
-    torch.manual_seed(0)
-    student = models.staged(models.create("resnet8", num_classes=CLASSES))
-    teacher = models.frozen(models.create("resnet14", num_classes=CLASSES))
-    context = DistillContext(num_classes=CLASSES, train_targets=torch.arange(64) % CLASSES)
-    distiller, s_spots, t_spots = distillers.create(method, student, teacher, (3, SIZE, SIZE), context=context)
-    weights = LossWeights(ce=1.0, method=type(distiller).defaults.method_weight, kl=1.0 if name == "sakd" else 0.0)
-    strategy = strategies.get(name)(student, teacher, distiller, weights, s_spots, t_spots, **options)
-    strategy.attach(build_optimizers(strategy.param_groups(), OptimConfig(), 0.05),
-                    Precision(torch.device("cpu"), False), total_steps=100, clip_grad_norm=clip)
+    strategy = build_strategy(name, method, options, clip_grad_norm=clip)
     strategy.train(True)
     return strategy
 
 
-def batch(seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(BATCH, 3, SIZE, SIZE, generator=generator)
-    indices = torch.randperm(64, generator=generator)[:BATCH]
-    return images, indices % CLASSES, indices
 
 
 def run_steps(strategy) -> list[dict[str, torch.Tensor]]:
     outs = []
     for step in range(STEPS):
         torch.manual_seed(100 + step)  # SAKD's Gumbel noise: the same draws in every compared run
-        outs.append(strategy.training_step(*batch(step), epoch=1, step=step))
+        outs.append(strategy.training_step(*random_batch(step), epoch=1, step=step))
     return outs
 
 
@@ -128,7 +112,7 @@ def test_inf_gradient_skips_the_step(clip: float | None) -> None:
     params = list(strategy.student.parameters())
     before = [p.detach().clone() for p in params]
     params[0].register_hook(lambda grad: torch.full_like(grad, float("inf")))
-    strategy.training_step(*batch(0), epoch=1, step=0)
+    strategy.training_step(*random_batch(0), epoch=1, step=0)
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
     assert strategy.precision.scaler.get_scale() == 2.0**9
 
