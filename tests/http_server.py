@@ -10,6 +10,7 @@ The socket guard in conftest.py lets tests reach only this loopback server.
 """
 from __future__ import annotations
 
+import gzip
 import http.server
 import io
 import socket
@@ -96,9 +97,13 @@ def refused_url(path: str = "file.bin") -> str:
 
 
 def tar_gz(members: dict[str, bytes]) -> bytes:
-    """A .tar.gz archive holding `members` (member path -> bytes), as a publisher would serve it."""
+    """A .tar.gz archive holding `members` (member path -> bytes), as a publisher would serve it.
+
+    The same members give the same bytes: the gzip header's time is fixed at 0, because tarfile's "w:gz" stamps the
+    current second there, and a test that rebuilds an archive across a second boundary would get another md5.
+    """
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as zipped, tarfile.open(fileobj=zipped, mode="w") as archive:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
