@@ -45,6 +45,7 @@ def test_demo_says_what_it_runs_before_it_starts(tmp_path):
     assert not (tmp_path / "demo").exists()  # planning writes nothing
 
 
+@pytest.mark.slow  # a separate process (or a real run) per check: CI runs it, the inner loop does not
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "adakd", "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and re.match(r"\d+\.\d+", result.stdout)

@@ -17,6 +17,7 @@ def readme_example() -> str:
     return blocks[0]
 
 
+@pytest.mark.slow  # a separate process (or a real run) per check: CI runs it, the inner loop does not
 def test_readme_example_distils_a_users_model_on_a_users_dataset(tmp_path, monkeypatch, capsys):
     from adakd import data, models
 

@@ -176,6 +176,7 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, capsys, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == before  # the handler lives only while main() runs
 
 
+@pytest.mark.slow  # a separate process (or a real run) per check: CI runs it, the inner loop does not
 def test_sigterm_on_a_real_process_keeps_the_last_epoch_and_resumes(tmp_path):
     run = tmp_path / "runs" / "run"
     argv = [sys.executable, "-m", "adakd", *run_argv(tmp_path, "optim.epochs=5000", "log.progress=true")]
@@ -203,6 +204,7 @@ def test_sigterm_on_a_real_process_keeps_the_last_epoch_and_resumes(tmp_path):
 # --- stdout redirected -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a separate process (or a real run) per check: CI runs it, the inner loop does not
 def test_stdout_redirected_to_a_pipe_gets_each_line_as_it_is_printed():
     # `adakd presets` prints its lines without flushing; the process then stays alive, as a long run would.
     code = "import time; from adakd.cli import main; main(['presets']); time.sleep(60)"
@@ -313,6 +315,7 @@ def test_auto_num_workers_never_exceeds_the_cores(monkeypatch, cores, processes,
     assert data_loader.auto_num_workers() == expected
 
 
+@pytest.mark.slow  # a separate process (or a real run) per check: CI runs it, the inner loop does not
 def test_the_readme_example_runs_without_loader_warnings(tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("readme_test", REPO / "tests" / "test_readme_example.py")
     readme_test = importlib.util.module_from_spec(spec)

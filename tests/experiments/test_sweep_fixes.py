@@ -176,6 +176,7 @@ def holder(tmp_path):
     process.wait()
 
 
+@pytest.mark.slow  # a separate process (or a real run) per check: CI runs it, the inner loop does not
 def test_a_second_sweep_on_a_busy_folder_names_the_holder_and_runs_nothing(tmp_path, capsys, holder):
     grid, out = write(tmp_path / "g.yaml", ALONE), tmp_path / "sweep"
     line = fails(capsys, ["sweep", grid, "--out", str(out)], f"in use by PID {holder.pid} on ", " since ",
@@ -183,6 +184,7 @@ def test_a_second_sweep_on_a_busy_folder_names_the_holder_and_runs_nothing(tmp_p
     assert "sweep.yaml" not in os.listdir(out) and not (out / "cells").exists(), line
 
 
+@pytest.mark.slow  # a separate process (or a real run) per check: CI runs it, the inner loop does not
 def test_wait_starts_when_the_holder_ends(tmp_path, holder):
     acquired = threading.Event()
     messages = []
