@@ -96,7 +96,7 @@ class DistillConfig:
     method: str = "kd"
     ce_weight: float | None = None  # None: the distiller's default (KD 0.1, the others 1.0)
     method_weight: float | None = None  # None: the distiller's default (KD 0.9, AT 1000, ...)
-    kl_weight: float = 0.0  # an extra KD term on top of any method (SAKD's beta_1)
+    kl_weight: float = 0.0  # an extra KD term on top of any method (a strategy's own KD weight, e.g. a paper's beta_1)
     temperature: float = 4.0  # of that extra KD term; a method's own temperature is in `args`
     spots: tuple[int | str, ...] | None = None  # stage indices (or "stages"); None: the distiller's default
     args: dict[str, Any] = field(default_factory=dict)  # the distiller's own hyper-parameters

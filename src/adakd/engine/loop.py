@@ -46,7 +46,8 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
     for step, (images, targets, indices) in enumerate(bar, 1):
         strategy.begin_micro_batch(step - 1, count)
-        out = strategy.training_step(images, targets, indices, epoch, first_step + step - 1)
+        with strategy.gradient_sync():
+            out = strategy.training_step(images, targets, indices, epoch, first_step + step - 1)
         batch = targets.shape[0]
         for name, value in out.items():
             weighted = value if name == "correct" else value * batch

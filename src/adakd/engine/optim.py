@@ -27,7 +27,8 @@ class MultiStepSchedule:
         self.epoch = 0
 
     def start_epoch(self, epoch: int) -> float:
-        """Apply the lr of `epoch` (groups may carry an `lr_scale`, e.g. SAKD's policy at half lr)."""
+        """Apply the lr of `epoch` (a group may carry an `lr_scale`: a strategy's own optimiser, e.g. a policy at half
+        lr)."""
         self.epoch = epoch
         value = lr_at(self.config, epoch, self.lr)
         for optimizer in self.optimizers.values():
@@ -48,7 +49,8 @@ def build_optimizers(
     """One SGD per parameter group a strategy declares (weight decay on every parameter, as the papers do).
 
     A group is a list of parameters, or a dict {"params": [...], "lr_scale": s, "weight_decay": wd} for an
-    optimiser with its own settings (SAKD's agent: half the lr, weight decay 1e-3). `lr_scale` follows the schedule.
+    optimiser with its own settings (a strategy's own part, e.g. a policy at half the lr with weight decay 1e-3).
+    `lr_scale` follows the schedule.
     """
     optimizers = {}
     for name, group in groups.items():

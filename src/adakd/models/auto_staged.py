@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from adakd.models.stage_types import Stage
+from adakd.modes import eval_mode
 
 # ViT-Tiny has 12 blocks at one resolution; 4 stages of 3 mirror ResNet's 4 stages for the feature distillers.
 ISOTROPIC_STAGES = 4
@@ -127,16 +128,13 @@ def _group_by_resolution(model: nn.Module, blocks: list[str]) -> list[list[str]]
     hooks = [model.get_submodule(name).register_forward_hook(
         lambda _m, _i, out, name=name: sizes.__setitem__(name, tuple(out.shape[2:])))
         for name in blocks]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # BatchNorm must not update its running statistics on the probe
     try:
-        model(torch.zeros(1, conv.in_channels, PROBE_SIDE, PROBE_SIDE,
-                          dtype=conv.weight.dtype, device=conv.weight.device))
+        with eval_mode(model):  # BatchNorm must not update its running statistics on the probe
+            model(torch.zeros(1, conv.in_channels, PROBE_SIDE, PROBE_SIDE,
+                              dtype=conv.weight.dtype, device=conv.weight.device))
     finally:
         for hook in hooks:
             hook.remove()
-        for module, training in modes:
-            module.training = training
     stages: list[list[str]] = []
     for name in blocks:
         if stages and sizes.get(name) == sizes.get(stages[-1][-1]):
@@ -198,19 +196,17 @@ def _trace(model: nn.Module, blocks: list[str], training: bool) -> fx.Graph:
     # Optional forward arguments (timm ViT's attn_mask) are fixed to their defaults.
     params = list(inspect.signature(type(model).forward).parameters.values())[2:]
     concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(training)
-    try:
-        graph = _BlockTracer(leaves).trace(model, concrete_args=concrete or None)
-    except AutoLayoutError:
-        raise
-    except Exception as err:  # noqa: BLE001 - TraceError, control flow on a Proxy, unsupported ops: one message
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AutoLayoutError(f"torch.fx cannot trace its forward outside the blocks ({type(err).__name__}: "
-                              f"{first})" + _hint(model)) from None
-    finally:
-        for module, training_ in modes:
-            module.training = training_
+    # eval_mode gives every submodule its own flag back afterwards; inside it, the model takes the traced mode.
+    with eval_mode(model):
+        model.train(training)
+        try:
+            graph = _BlockTracer(leaves).trace(model, concrete_args=concrete or None)
+        except AutoLayoutError:
+            raise
+        except Exception as err:  # noqa: BLE001 - TraceError, control flow on a Proxy, unsupported ops: one message
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise AutoLayoutError(f"torch.fx cannot trace its forward outside the blocks ({type(err).__name__}: "
+                                  f"{first})" + _hint(model)) from None
     _drop_guards(graph)
     return graph
 

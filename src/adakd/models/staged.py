@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from adakd.models.auto_staged import AutoLayoutError, auto_stages
 from adakd.models.stage_types import Stage, StagedOutput
+from adakd.modes import eval_mode
 
 _LAYOUTS: dict[type, Callable[[nn.Module], list[Stage]]] = {}
 
@@ -115,15 +116,10 @@ class StagedModel(nn.Module):
     def feature_shapes(self, input_shape: tuple[int, int, int] = (3, 32, 32)) -> list[tuple[int, ...]]:
         """Per-stage output shapes (without batch), measured by one forward pass of a dummy input."""
         # Restore each module's own mode: a fresh view is in training mode whatever the model's mode is.
-        modes = [(module, module.training) for module in self.modules()]
-        self.eval()
-        try:
+        with eval_mode(self):
             param = next(self.model.parameters())
             dummy = torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
             return [tuple(f.shape[1:]) for f in self.forward(dummy).features]
-        finally:
-            for module, training in modes:
-                module.training = training
 
     def blocks(self) -> list[nn.Sequential]:
         """ABL's fine-grained blocks: stem merged into block 1, pool and head into the last block."""

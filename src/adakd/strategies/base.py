@@ -123,8 +123,9 @@ class Strategy:
     Class level, read before the strategy is built: `option_class` and `preset` (its typed options),
     `resolve_options(args, facts)`, `needs_teacher_weights(options)`, `validation_fraction(options)`,
     `search_strategy` / `search_options` (a stage that runs first) and `run_files`. Per instance: `attach`,
-    `attach_validation`, `max_steps`, `should_stop`, `evaluate`, `drain_records`, `artifacts`, `start_notices`,
-    `decision_names` / `decide`, `owned_modules`, `state_dict` / `load_state_dict`, `training_step`.
+    `begin_micro_batch` / `gradient_sync` (the loop's, around each step), `attach_validation`, `max_steps`,
+    `should_stop`, `evaluate`, `drain_records`, `artifacts`, `start_notices`, `decision_names` / `decide`,
+    `owned_modules`, `state_dict` / `load_state_dict`, `training_step`.
     """
 
     option_class: ClassVar[type | None] = None
@@ -250,6 +251,27 @@ class Strategy:
         """
         self.micro_batch = micro_batch_at(index, count, self.accumulate)
 
+    @contextlib.contextmanager
+    def gradient_sync(self) -> Iterator[None]:
+        """The context the loop runs each `training_step` in: on a micro-batch that does not end its optimiser step,
+        every DDP wrapper the strategy drives (the student, the distiller's learning heads) skips its all-reduce.
+
+        The gradients then add up on each rank and the step's last backward all-reduces their sums once, which
+        averages them as N all-reduces would, at 1/N of the communication. DDP decides at the forward whether the
+        backward all-reduces, so this holds the whole step, forward and backward. Parameters outside DDP
+        (`unsynced`) are averaged once per step by `optimizer_step` already.
+        """
+        with contextlib.ExitStack() as stack:
+            if not self.micro_batch.last:
+                for wrapper in self.ddp_wrappers():
+                    stack.enter_context(wrapper.no_sync())
+            yield
+
+    def ddp_wrappers(self) -> list[nn.Module]:
+        """The DDP wrappers (anything with DDP's `no_sync`) among the modules the strategy's steps run."""
+        driven = [self.student, self.distiller_forward]
+        return [module for module in driven if module is not None and callable(getattr(module, "no_sync", None))]
+
     def optimizer_step(
         self,
         optimizer: torch.optim.Optimizer,
@@ -274,6 +296,8 @@ class Strategy:
         the gradient of one batch of of*B for a mean-reduced loss; only the last averages across ranks, adjusts
         (on the accumulated gradients), clips and steps, so the float16 loss scale stays fixed within a step.
         BatchNorm still normalises and updates its running statistics per micro-batch, as in any accumulation.
+        Under DDP the loop runs the micro-batches before the last inside `gradient_sync`, so their backwards skip
+        DDP's all-reduce and the last one's all-reduces the accumulated sums.
         """
         micro = self.micro_batch
         if micro.first:
