@@ -28,6 +28,7 @@ def old_runs(tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow  # a separate process per run (its deterministic=true and threads=1 stay out of this one)
 @pytest.mark.parametrize("name", ["kd", "sakd"])
 def test_a_run_stopped_by_the_old_code_resumes_to_its_uninterrupted_weights(old_runs: Path, name: str):
     """Epoch 2 resumed from the old last.pth equals the old code's straight 2-epoch run in every student tensor."""

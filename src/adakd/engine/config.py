@@ -247,7 +247,7 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# Short names for the most used keys: `adakd distill method=at strategy=sakd`.
+# Short names for the most used keys: `adakd distill method=at epochs=30 lr=0.1`.
 SHORTHANDS = {
     "method": "distill.method",
     "strategy": "strategy.name",
