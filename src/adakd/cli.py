@@ -149,8 +149,12 @@ def _run(args: argparse.Namespace, task: str) -> int:
     return 0
 
 
+# `adakd abl` is the two-stage pipeline (experiments/pipeline.py) of this strategy: its search, then the final runs.
+ABL_PIPELINE = {"strategy": "abl", "command": "adakd abl"}
+
+
 def _abl(args: argparse.Namespace) -> int:
-    from adakd.experiments.abl_pipeline import format_pipeline, pipeline_root, run_pipeline
+    from adakd.experiments.pipeline import format_pipeline, pipeline_root, run_pipeline
     from adakd.engine.config import ConfigError, dump_yaml, resolve
 
     if args.resume:
@@ -158,14 +162,14 @@ def _abl(args: argparse.Namespace) -> int:
             raise ConfigError("`adakd abl --resume ROOT` takes the saved pipeline.yaml; drop every --preset, "
                               "--config and KEY=VALUE")
         _watch_run("abl", Path(args.resume))
-        result = run_pipeline(None, root=args.resume, resume=True)
+        result = run_pipeline(None, root=args.resume, resume=True, **ABL_PIPELINE)
     else:
         config = resolve(["cifar100", *args.preset], args.config, ["task=distill", *args.overrides])
         if args.print_config:
             print(dump_yaml(config), end="")
             return 0
-        _watch_run("abl", pipeline_root(config))
-        result = run_pipeline(config, seeds=args.seeds)
+        _watch_run("abl", pipeline_root(config, ABL_PIPELINE["strategy"]))
+        result = run_pipeline(config, seeds=args.seeds, **ABL_PIPELINE)
     print(format_pipeline(result))
     return 0
 
@@ -181,15 +185,16 @@ def format_summary(summary: dict) -> str:
             f"{top5_text(summary.get('best_acc5'))}  (selected on the test split; report 'last' for comparisons)")
 
 
-def abl_folder_hint(root: Path) -> str:
-    """Why `adakd eval` cannot score an `adakd abl` folder itself, and the run folders inside it that it can."""
+def pipeline_folder_hint(root: Path) -> str:
+    """Why `adakd eval` cannot score a pipeline folder (`adakd abl`, a sweep's pipeline cell) itself, and the run
+    folders inside it that it can."""
     finals = sorted((p.name for p in root.glob("final_seed*") if p.is_dir()),
                     key=lambda name: (len(name), name))  # final_seed2 before final_seed10
     runs = [*finals, *(["search"] if (root / "search").is_dir() else [])]
     listed = ", ".join(f"{name}/" for name in runs) or "none yet (resume it with `adakd abl --resume`)"
     example = root / (finals[0] if finals else "final_seed0")
-    return (f"{str(root)!r} is an `adakd abl` pipeline folder (pipeline.yaml), not a run: it holds the γ search "
-            f"(search/) and the final runs (final_seed<k>/); score a final run, e.g. `adakd eval {example}` (runs "
+    return (f"{str(root)!r} is an `adakd abl` pipeline folder (pipeline.yaml), not a run: it holds the search "
+            f"run (search/) and the final runs (final_seed<k>/); score a final run, e.g. `adakd eval {example}` (runs "
             f"here: {listed})")
 
 
@@ -211,7 +216,7 @@ def _eval(args: argparse.Namespace) -> int:
     if target.is_dir():
         weights = target / f"{args.checkpoint}.pth"
         if not weights.is_file() and (target / "pipeline.yaml").is_file():
-            raise CheckpointError(abl_folder_hint(target))
+            raise CheckpointError(pipeline_folder_hint(target))
         if not weights.is_file():
             other = "best" if args.checkpoint == "last" else "last"
             fix = (f"score {other}.pth with --checkpoint {other}" if (target / f"{other}.pth").is_file() else
@@ -250,8 +255,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import json
 
-    from adakd.engine.export import card_paths, export_student
+    from adakd.engine.export import ExportError, card_paths, export_student
 
+    if (Path(args.run_dir) / "pipeline.yaml").is_file():
+        raise ExportError(f"{str(args.run_dir)!r} is an `adakd abl` pipeline folder, not a run; export one of its "
+                          f"final runs, e.g. `adakd export {Path(args.run_dir) / 'final_seed0'}`")
     path = export_student(args.run_dir, checkpoint=args.checkpoint, format=args.format, out=args.out,
                           force=args.force, latency_batch=args.latency_batch)
     json_path, md_path = card_paths(path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adakd.cli import main
-from adakd.experiments.abl_pipeline import run_pipeline
+from adakd.experiments.pipeline import run_pipeline
 from adakd.engine.config import resolve
 from adakd.engine.trainer import Trainer
 from tiny_run import save_random_teacher

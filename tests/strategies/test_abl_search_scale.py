@@ -9,13 +9,12 @@ import pytest
 import yaml
 
 from adakd.cli import main
-from adakd.experiments.abl_pipeline import stage_configs
+from adakd.experiments.pipeline import stage_configs
 from adakd.engine.config import from_dict, resolve
-from adakd.experiments.plots import configured_warm_steps
 from adakd.experiments.sweep import load_grid
 from adakd.engine.trainer import Trainer
 from adakd.strategies.abl_options import META_LR_CAP, META_STEPS_FLOOR, PAPER_RUN_STEPS, ABLOptions
-from adakd.strategies.abl_search import search_warning, steps_budget
+from adakd.strategies.abl_search import configured_warm_steps, search_warning, steps_budget
 from engine.test_abl_runs import teacher_file  # tests/engine, through the rootdir on sys.path
 
 # 160 digits, batch 64, 5 epochs: the final run has 5 x ceil(160 / 64) = 15 steps, the search trains on 80 images.

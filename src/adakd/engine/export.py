@@ -2,8 +2,8 @@
 
 The student is rebuilt by training's own builder (`build.build_run`) and loaded strictly from the run
 checkpoint's `model` entry, which holds the student network's own state_dict: the teacher, the distiller's parts,
-a strategy's heads or policy (ABL, SAKD) and the optimiser live under other entries and are never written. So the
-exported keys are exactly those the student's source builds (timm, torchvision or adakd's zoo).
+a strategy's own modules (auxiliary heads, a policy) and the optimiser live under other entries and are never
+written. So the exported keys are exactly those the student's source builds (timm, torchvision or adakd's zoo).
 """
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ def _check_run_folder(run_dir: Path) -> None:
         raise ExportError(f"cannot export {str(run_dir)!r}: it is a file; `adakd export` takes a run folder (the one "
                           "holding last.pth, best.pth and config.yaml)")
     if (run_dir / "pipeline.yaml").is_file():
-        raise ExportError(f"{str(run_dir)!r} is an `adakd abl` pipeline folder, not a run; export one of its final "
-                          f"runs, e.g. `adakd export {run_dir / 'final_seed0'}`")
+        raise ExportError(f"{str(run_dir)!r} is a two-stage pipeline folder (pipeline.yaml), not a run; export one "
+                          f"of its final runs, e.g. `adakd export {run_dir / 'final_seed0'}`")
     if (run_dir / "sweep.yaml").is_file():
         raise ExportError(f"{str(run_dir)!r} is a sweep folder, not a run; export one of its cells (a folder under it "
                           "that holds last.pth)")

@@ -5,7 +5,7 @@ product gives the cells, seeds, and how `adakd table` lays the results out. Layo
 
     sweep.yaml          the grid as given, the command-line overrides and teachers, and the planned cells
     plan/<cell>.yaml    each cell's resolved config: a re-run refuses a started cell whose config changed
-    cells/<cell>/       an ordinary run folder (an `adakd abl` pipeline folder for ABL cells)
+    cells/<cell>/       an ordinary run folder (a pipeline folder for a strategy with a search stage)
     state/<cell>.json   running / done / failed, with the error line; logs/<cell>.log: the cell's output
 
 Teachers a cell needs and nobody gave are trained by the sweep first (cells `teacher-<name>`); with
@@ -371,11 +371,24 @@ def _teacher_values(layers: _Layers, extra: list[str], label: str, cell: str) ->
     return {**values, "model": dict(values["teacher"])}
 
 
+def _needs_teacher_weights(config: Any) -> bool:
+    """The cell's strategy's answer (Strategy.needs_teacher_weights) on its options; options it refuses are reported
+    when the cell runs, so here they count as needing a teacher."""
+    from adakd import strategies
+
+    cls = strategies.get(config.strategy.name)
+    try:
+        options = cls.resolve_options(dict(config.strategy.args))
+    except (TypeError, ValueError):
+        return True
+    return cls.needs_teacher_weights(options)
+
+
 def _attach_teacher(cell: Cell, config: Any, given: dict[str, str], required: set[str], added: _Registry,
                     per_seed: bool, layers: _Layers, extra: list[str], label: str) -> None:
     """Point a distill cell at its teacher: given, found under ADAKD_TEACHERS or fetched (`adakd teachers fetch`),
     or a teacher cell trained first."""
-    if config.task != "distill" or config.teacher.weights or config.strategy.args.get("teacher_init") == "scratch":
+    if config.task != "distill" or config.teacher.weights or not _needs_teacher_weights(config):
         return
     name = config.teacher.name
     if name in given:
@@ -544,7 +557,7 @@ class Sweep:
                           json.dumps({"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}) + "\n")
 
     def result(self, cell: Cell) -> dict[str, Any] | None:
-        """The cell's summary (an ABL pipeline's final run), or None while it is not done."""
+        """The cell's summary (a pipeline cell's final run), or None while it is not done."""
         path = self.cell_dir(cell.name) / "summary.json"
         if not path.is_file():
             return None
@@ -556,7 +569,7 @@ class Sweep:
 
 def run_cell(root: str | Path, name: str, runtime: list[str] | None = None) -> dict[str, Any]:
     """Train (or finish) one planned cell in this process; its state file says how it ended."""
-    from adakd.experiments.abl_pipeline import run_pipeline
+    from adakd.experiments.pipeline import run_pipeline
     from adakd.engine.resumable import clear_unfinished, fit_or_resume
 
     sweep = Sweep(root)

@@ -26,8 +26,17 @@ from adakd.strategies.abl_blocks import (BlockForward, Components, ScaleGrad, av
                                          broadcast_buffers, cross_entropy_upcast, forward_blocks)
 from adakd.strategies.abl_heads import build_aux_heads
 from adakd.strategies.abl_options import ABLOptions, check_options
-from adakd.strategies.base import LossWeights, RunFacts, Strategy
+from adakd.strategies.base import Figure, LossWeights, RunFacts, Strategy
 from adakd.strategies.registry import register_strategy
+
+
+# The epoch mean of p1 per block, logged by every ABL step (train/abl/p1/block<l>).
+STUDENT_WEIGHTS = Figure("abl_p1", "ABL student weight per block", "student weight p1 (epoch mean)",
+                         columns=r"^train/abl/p1/.*block\d+$", by_block=True)
+# [A] Fig. 4c / Fig. 6: the last epoch's test top-1 of each block's head, then of the student's own classifier.
+BLOCK_ACCURACY = Figure("block_accuracy", "per-block test accuracy (ABL Fig. 4c / Fig. 6)",
+                        "test top-1 of the block's head (%)", columns=r"^test/block_acc/.*block\d+$", kind="blocks",
+                        last="test/acc1", compare=True, xlabel="block (last = the student's own classifier)")
 
 
 class ABLBase(Strategy):
@@ -35,6 +44,10 @@ class ABLBase(Strategy):
 
     option_class: ClassVar[type] = ABLOptions
     uses_heads: ClassVar[bool] = True
+    figures: ClassVar[tuple[Figure, ...]] = (STUDENT_WEIGHTS, BLOCK_ACCURACY)
+    # Student weights and search diagnostics: their own figures (or none), not terms of the loss.
+    not_loss_columns: ClassVar[tuple[str, ...]] = ("train/abl/p1/", "train/abl/p2/", "train/abl/hypergrad/",
+                                                   "train/abl/grad_norm/")
 
     @classmethod
     def options_from_facts(cls, facts: RunFacts) -> dict[str, Any]:
@@ -415,6 +428,29 @@ class ABL(ABLBase):
     # The stage that finds gamma* when none is given: pipelines (`adakd abl`, sweeps) run it first.
     search_strategy: ClassVar[str] = "abl-search"
     search_options: ClassVar[tuple[str, ...]] = ("gamma_from", "gamma", "p1")
+    searched: ClassVar[str] = "gamma"
+
+    @classmethod
+    def search_overrides(cls) -> dict[str, Any]:
+        """§12 row 12: stage 1 runs at the constant base lr (its length comes from the steps)."""
+        return {"optim": {"milestones": []}}
+
+    @classmethod
+    def handoff(cls, search_dir: Path) -> dict[str, Any]:
+        """The final runs read gamma* from the search run's gamma.json."""
+        return {"gamma_from": str(search_dir)}
+
+    @classmethod
+    def describe_search(cls, search_dir: Path) -> str:
+        """The gamma updates made (of how many, at what meta_lr and scale, whether p1 settled) and the searched p1."""
+        gamma = json.loads((Path(search_dir) / "gamma.json").read_text())
+        p1 = " ".join(f"{v:.3f}" for v in gamma["p1"])
+        ran = gamma.get("search") or {}  # older gamma.json files have no record of the search's size
+        done = f"{gamma['meta_steps']}" + (f" of up to {ran['meta_steps']}" if "meta_steps" in ran else "")
+        size = (f" at meta_lr {ran['meta_lr']:.3g}, search_scale {ran['search_scale']} (S = {ran['scale']:.3g})"
+                if {"meta_lr", "search_scale", "scale"} <= set(ran) else "")
+        settled = ", stopped early: p1 settled" if gamma.get("stopped_early") else ""
+        return f"search: {search_dir} ({done} gamma updates{size}{settled}); student weight p1 per block: {p1}"
 
     def initial_p(self) -> Tensor:
         opts = self.options

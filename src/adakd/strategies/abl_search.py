@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import torch
+import yaml
 from torch import Tensor
 
 from adakd.modes import eval_mode
-from adakd.strategies.abl import ABLBase
+from adakd.strategies.abl import BLOCK_ACCURACY, STUDENT_WEIGHTS, ABLBase
 from adakd.strategies.abl_blocks import (Components, average_across_ranks, cross_entropy_upcast, forward_blocks,
                                          preserved, sgd_next)
 from adakd.strategies.abl_options import META_LR_CAP, META_STEPS_FLOOR, PAPER_RUN_STEPS, ABLOptions
+from adakd.strategies.base import Band, Figure
 from adakd.strategies.registry import register_strategy
 
 
@@ -65,12 +70,62 @@ def steps_budget(options: ABLOptions) -> int:
     return options.warm_steps + options.meta_steps * options.meta_every
 
 
+def configured_warm_steps(run_dir: str | Path) -> int | None:
+    """The run's warm start in steps: what its gamma.json recorded, else strategy.args.warm_steps over its options'
+    default; None if unknown."""
+    from adakd import strategies
+    from adakd.registry import UnknownNameError
+
+    try:  # what the search recorded it ran with (search_scale=auto sizes it from the data, unknown to the config)
+        ran = json.loads((Path(run_dir) / "gamma.json").read_text()).get("search", {}).get("warm_steps")
+        if isinstance(ran, int) and not isinstance(ran, bool):
+            return ran
+    except (OSError, ValueError, AttributeError):
+        pass
+    path = Path(run_dir) / "config.yaml"
+    try:
+        values = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None  # the figure falls back to the first meta row
+    strategy = values.get("strategy") if isinstance(values, dict) else None
+    if not isinstance(strategy, dict) or not isinstance(strategy.get("name"), str):
+        return None
+    try:
+        cls = strategies.get(strategy["name"])
+    except UnknownNameError:
+        return None
+    option_class = cls.option_class
+    if option_class is None or not dataclasses.is_dataclass(option_class):
+        return None
+    fields = {f.name for f in dataclasses.fields(option_class)}
+    if "warm_steps" not in fields:
+        return None
+    # Precedence of the strategy itself: the user's args over the class preset over the options' default; the
+    # options class applies its own rules (search_scale), so the figure shows the warm start the run used.
+    merged = {**cls.preset, **(strategy.get("args") or {})}
+    try:
+        options = option_class(**{k: v for k, v in merged.items() if k in fields})
+    except (TypeError, ValueError):
+        return None
+    value = options.warm_steps
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# [A] Fig. 3: p1 per block at every logged step of abl_gamma.csv. Meta rows are logged only every log_every gamma
+# updates, so the first one is a late estimate of the warm start's end, used only when the run does not say.
+GAMMA_TRAJECTORIES = Figure(
+    "gamma_trajectories", "ABL student weight per block (ABL Fig. 3)", "student weight p1 (p2 = 1 - p1)",
+    columns=r"^p1/.*block\d+$", kind="steps", source="abl_gamma.csv", x="step", xlabel="training step",
+    by_block=True, label="last", band=Band("warm start", end=configured_warm_steps, until=("phase", "meta")))
+
+
 @register_strategy("abl-search")
 class ABLSearch(ABLBase):
     """Stage 1 (§6): warm start at gamma = 0, then alternating gamma (held-out split) and weight updates."""
 
     # What it writes into the run folder: the gamma rows (drain_records) and gamma.json (artifacts).
     run_files: ClassVar[tuple[str, ...]] = ("abl_gamma.csv", "gamma.json")
+    figures: ClassVar[tuple[Figure, ...]] = (STUDENT_WEIGHTS, GAMMA_TRAJECTORIES, BLOCK_ACCURACY)
     # Each gamma update looks one real SGD step ahead of the weights, so every micro-batch must be a step.
     accumulates: ClassVar[bool] = False
 
@@ -392,4 +447,5 @@ class ABLSearch(ABLBase):
         self.checkpoints_p1 = [(int(done), list(p1)) for done, p1 in state["checkpoints_p1"]]
 
 
-__all__ = ["ABLSearch", "describe_search", "search_record", "search_warning", "steps_budget"]
+__all__ = ["ABLSearch", "GAMMA_TRAJECTORIES", "configured_warm_steps", "describe_search", "search_record",
+           "search_warning", "steps_budget"]

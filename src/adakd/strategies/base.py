@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +73,96 @@ class OptionError(ValueError):
         self.problem = problem
 
 
+FIGURE_KINDS = ("epochs", "steps", "blocks")
+
+
+def block_number(column: str) -> int | None:
+    """The n of a column ending in `block<n>` (None for any other column)."""
+    match = re.search(r"block(\d+)$", column)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class Band:
+    """A shaded span on a per-step figure, from its first x to where a phase of the run ended (e.g. a warm start)."""
+
+    label: str
+    """Its legend entry."""
+    end: Callable[[Path], float | None] | None = None
+    """Where the span ends, read from the run folder (what the run recorded or was configured with); None: unknown."""
+    until: tuple[str, str] | None = None
+    """Else (column, value): the x of the first row holding that value, when not every row does."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One PNG a strategy declares for `adakd plot`, as data; drawn only when the run logged its columns.
+
+    Kinds: "epochs" (a line per column of metrics.csv over epochs), "steps" (a line per column of the CSV run file
+    `source` over its column `x`, coloured along a colour map) and "blocks" (the last metrics row's columns by their
+    block number, with `last` as the block after them).
+    """
+
+    file: str
+    """PNG name without .png (also what --compare and messages call it)."""
+    title: str
+    """What it shows; the title is "<run>: <title>"."""
+    ylabel: str
+    columns: str
+    """Regular expression searched in each column name; the matching columns are drawn."""
+    kind: str = "epochs"
+    source: str = "metrics.csv"
+    """steps: the CSV file of the run folder the rows come from (a strategy's `run_files` entry)."""
+    x: str = "epoch"
+    """steps: the column of `source` on the x axis."""
+    xlabel: str = "epoch"
+    ylim: tuple[float, float] | None = None
+    """Fixed y range (None: autoscale), e.g. for fractions whose small changes autoscaling would exaggerate."""
+    by_block: bool = False
+    """Order the columns by their trailing block<n> (block10 after block9) rather than as logged."""
+    label: str = "tail"
+    """Legend entry of a column: "full" (the name), "tail" (after its first '/'), "last" (after its last '/')."""
+    band: Band | None = None
+    """steps: a shaded span (see Band)."""
+    last: str | None = None
+    """blocks: the metrics column drawn as the block after the last (e.g. the student's own classifier)."""
+    compare: bool = False
+    """blocks: `adakd plot --compare RUN` draws other runs' values beside this run's."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in FIGURE_KINDS:
+            raise ValueError(f"Figure {self.file!r}: kind must be one of {FIGURE_KINDS}, got {self.kind!r}")
+        if self.label not in ("full", "tail", "last"):
+            raise ValueError(f"Figure {self.file!r}: label must be 'full', 'tail' or 'last', got {self.label!r}")
+        re.compile(self.columns)  # a bad pattern fails where the strategy declares it, not when a run is plotted
+
+    def pick(self, columns: Iterable[str]) -> list[str]:
+        """The columns this figure draws, in block order when `by_block` (columns without a block number dropped)."""
+        found = [c for c in dict.fromkeys(columns) if re.search(self.columns, c)]
+        if not self.by_block:
+            return found
+        numbered = [(block_number(c), c) for c in found]
+        return [c for n, c in sorted((n, c) for n, c in numbered if n is not None)]
+
+    def legend(self, column: str) -> str:
+        """The legend entry of one of its columns."""
+        if self.label == "full":
+            return column
+        return column.split("/", 1)[-1] if self.label == "tail" else column.split("/")[-1]
+
+    def by_blocks(self, rows: Sequence[Mapping[str, float]]) -> tuple[list[int], list[float]] | None:
+        """blocks: block numbers and values of the last row (then `last` as one more block); None without them."""
+        final = rows[-1] if rows else {}
+        columns = sorted((c for c in self.pick(final) if block_number(c) is not None), key=block_number)
+        if not columns or (self.last is not None and self.last not in final):
+            return None
+        blocks = [block_number(c) for c in columns]
+        values = [final[c] for c in columns]
+        if self.last is not None:
+            blocks, values = [*blocks, blocks[-1] + 1], [*values, final[self.last]]
+        return blocks, values
+
+
 class Precision:
     """Autocast and gradient scaling on CUDA; plain float32 (no-ops) elsewhere."""
 
@@ -122,7 +214,8 @@ class Strategy:
     The protocol below is all the engine knows of a strategy; every hook has a default that does nothing.
     Class level, read before the strategy is built: `option_class` and `preset` (its typed options),
     `resolve_options(args, facts)`, `needs_teacher_weights(options)`, `validation_fraction(options)`,
-    `search_strategy` / `search_options` (a stage that runs first) and `run_files`. Per instance: `attach`,
+    `search_strategy` / `search_options` with `search_overrides`, `handoff`, `describe_search` (a stage that runs first
+    and what it hands the final run), `run_files`, `figures` and `not_loss_columns`. Per instance: `attach`,
     `begin_micro_batch` / `gradient_sync` (the loop's, around each step), `attach_validation`, `max_steps`,
     `should_stop`, `evaluate`, `drain_records`, `artifacts`, `start_notices`, `decision_names` / `decide`,
     `owned_modules`, `state_dict` / `load_state_dict`, `training_step`.
@@ -138,6 +231,12 @@ class Strategy:
     """Options that carry a finished search's result; given any of them, the search stage is skipped."""
     run_files: ClassVar[tuple[str, ...]] = ()
     """Files the strategy writes into the run folder (its records' CSVs, its artifacts' JSON); a restart keeps them."""
+    searched: ClassVar[str] = "its search's result"
+    """What the search stage finds, in messages (e.g. "gamma")."""
+    figures: ClassVar[tuple[Figure, ...]] = ()
+    """Figures `adakd plot` draws for its runs besides accuracy and loss terms (see Figure)."""
+    not_loss_columns: ClassVar[tuple[str, ...]] = ()
+    """Parts of names of columns it logs under train/ that are not loss terms (kept out of the loss figure)."""
     max_steps: int | None = None
     """The run's length in iterations when the strategy bounds it (the engine runs enough epochs); None: optim.epochs."""
     accumulates: ClassVar[bool] = True
@@ -201,6 +300,21 @@ class Strategy:
     def validation_fraction(cls, options: Any) -> float | None:
         """Share of the training set held out and streamed to `attach_validation` (None: no held-out split)."""
         return None
+
+    @classmethod
+    def search_overrides(cls) -> dict[str, Any]:
+        """Config values of the search stage's run over the final run's (merged into its config)."""
+        return {}
+
+    @classmethod
+    def handoff(cls, search_dir: Path) -> dict[str, Any]:
+        """Strategy args a final run takes from the finished search run in `search_dir` (one of `search_options`)."""
+        return {}
+
+    @classmethod
+    def describe_search(cls, search_dir: Path) -> str:
+        """One line saying what the finished search in `search_dir` found, printed after a pipeline."""
+        return f"search: {search_dir}"
 
     @property
     def needs_validation(self) -> bool:

@@ -30,7 +30,7 @@ from adakd.modes import eval_mode
 from adakd.numerics import at_least_float32, cross_entropy_upcast
 from adakd.ranks import is_distributed, rank, world_size
 from adakd.strategies.adapters import build_adapter
-from adakd.strategies.base import LossWeights, RunFacts, Strategy
+from adakd.strategies.base import Figure, LossWeights, RunFacts, Strategy
 from adakd.strategies.registry import register_strategy
 
 GUMBEL_EPS = 1e-20  # [C] models/gs.py
@@ -186,11 +186,20 @@ def check_options(options: Any) -> None:
             raise ValueError(f"strategy option {field.name}={value!r} must be a {type(default).__name__}")
 
 
+# Shares are fractions; autoscaling would stretch e.g. 0.985-1.0 over the whole axis and exaggerate small changes.
+SHARE_YLIM = (0.0, 1.02)
+
+
 class SpotMasked(Strategy):
     """Shared by SAKD and its ablations: per-sample, per-spot masks on the student's KD and KL terms (§8).
 
     Subclasses set `option_class` (a frozen dataclass) and `preset` (its overrides) and implement `decisions`.
     """
+
+    figures = (Figure("spot_shares", "distilled share per spot (SAKD Fig. 3)", "share of samples distilled",
+                      columns="/share/", ylim=SHARE_YLIM),)
+    # Shares, policy probabilities and the Gumbel temperature: not loss terms.
+    not_loss_columns = ("/share/", "/policy_p/", "train/gumbel")
 
     @classmethod
     def resolve_options(cls, args: Mapping[str, Any], facts: RunFacts | None = None) -> Any:
