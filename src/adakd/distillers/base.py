@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from adakd.options import build_options
+
 
 # Spot keywords resolved per network by `resolve_spots`: every body stage (f1 .. fn), as AT, NST and VID use.
 BODY_STAGES = "stages"
@@ -121,18 +123,9 @@ def spot_name(stage_names: Sequence[str], index: int) -> str:
 
 
 def build_config(cls: type, args: dict[str, Any], where: str) -> Any:
-    """Instantiate a distiller's hyper-parameter dataclass, rejecting unknown keys by name."""
-    import dataclasses
-
-    from adakd.registry import suggestions
-
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in args:
-        if key not in names:
-            close = suggestions(key, names, n=1)
-            hint = f"; did you mean {where}.{close[0]}?" if close else f"; valid keys: {', '.join(names) or 'none'}"
-            raise ValueError(f"unknown config key {where}.{key}{hint}")
-    return cls(**args)
+    """A distiller's hyper-parameter dataclass from `args` through the one options resolver (adakd.options): unknown
+    keys and values of the wrong type raise OptionsError (a ValueError) naming `where`.<key>."""
+    return build_options(cls, args, where, noun="config key")
 
 
 def zero_like_loss(reference: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from adakd.engine.preprocessing import with_normalisation
 from adakd.engine.pretrain import freeze_pretrain_parts
 from adakd.models.external import ModelSourceError, split_source, with_config_key
 from adakd.models.layers import with_input_channels
+from adakd.options import OptionsError
 from adakd.strategies.base import LossWeights, OptionError, RunFacts, Strategy
 
 # What build_run can build; a run that trains needs them all, `adakd eval` only the test split and the student.
@@ -167,6 +168,8 @@ def build_distiller(config: RunConfig, student, teacher, input_shape, train_targ
     try:
         return distillers.create(config.distill.method, student, teacher, input_shape, config.distill.spots,
                                  context, on_pairing=on_pairing, **args)
+    except OptionsError as err:  # a distill.args key or value: the error names it, whatever the pair
+        raise ConfigError(str(err)) from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{config.distill.method} cannot distill {config.teacher.name} -> {config.model.name}: "
                           f"{err}") from None

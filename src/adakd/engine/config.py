@@ -8,15 +8,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
+from adakd.options import OptionsError, build_options, coerce, to_plain
 from adakd.registry import suggestions
 
 
@@ -160,80 +159,17 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting YAML lists to tuples and ints to floats."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp, _) = typing.get_args(tp)
-        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got the boolean {value!r}")
-    if not isinstance(value, tp):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            close = suggestions(str(key), names, n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
-    defaults = cls()
-    for name in names:  # a partial nested section keeps the defaults of the keys it omits
-        if name in kwargs and dataclasses.is_dataclass(hints[name]) and isinstance(values[name], dict):
-            merged = {**to_dict(getattr(defaults, name)), **values[name]}
-            kwargs[name] = _build(hints[name], merged, prefix + name + ".")
-    return cls(**kwargs)
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    """`cls` from plain values through the one options resolver (adakd.options); a refused value is a ConfigError."""
+    try:
+        return build_options(cls, values, noun="config key")
+    except OptionsError as err:
+        raise ConfigError(str(err)) from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) of a config, for YAML and checkpoints."""
-
-    def plain(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, (tuple, list)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(config)
+    return to_plain(config)
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -391,7 +327,10 @@ def validate(config: RunConfig) -> None:
             if key not in allowed:
                 raise ConfigError(f"unknown config key distill.by_method.{method}.{key}; valid keys: "
                                   f"{', '.join(allowed)}")
-            _coerce(value, allowed[key], f"distill.by_method.{method}.{key}")
+            try:
+                coerce(value, allowed[key], f"distill.by_method.{method}.{key}")
+            except OptionsError as err:
+                raise ConfigError(str(err)) from None
     checks = [
         (config.task in ("train", "distill"), "task", "must be 'train' or 'distill'"),
         (0 <= config.seed < 65536, "seed", "must lie in [0, 65536) (it seeds a 32-bit generator with the epoch)"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from adakd.ranks import all_reduce_sum
 from adakd.strategies.abl_blocks import (BlockForward, Components, ScaleGrad, average_across_ranks, block_plan,
                                          broadcast_buffers, cross_entropy_upcast, forward_blocks)
 from adakd.strategies.abl_heads import build_aux_heads
-from adakd.strategies.abl_options import ABLOptions, check_options
+from adakd.strategies.abl_options import ABLOptions
 from adakd.strategies.base import Figure, LossWeights, RunFacts, Strategy
 from adakd.strategies.registry import register_strategy
 
@@ -57,16 +57,6 @@ class ABLBase(Strategy):
         if facts.run_steps is not None:
             given["run_steps"] = facts.run_steps
         return given
-
-    @classmethod
-    def resolve_options(cls, args: Mapping[str, Any], facts: RunFacts | None = None) -> ABLOptions:
-        """Strategy.resolve_options with YAML lists made tuples (gamma, p1, meta_betas), then the range checks."""
-        args = {key: tuple(tuple(v) if isinstance(v, list) else v for v in value)
-                if key in ("gamma", "p1", "meta_betas") and isinstance(value, list) else value
-                for key, value in args.items()}
-        options = super().resolve_options(args, facts)
-        check_options(options)
-        return options
 
     def __init__(self, student: nn.Module, teacher: StagedModel | None, distiller, weights: LossWeights,
                  student_spots: list[int] | None = None, teacher_spots: list[int] | None = None,

@@ -26,8 +26,8 @@ class ABLOptions:
     group_by_stage: bool = False  # one block per stage, for deep thin students (§2 rule 2)
     # Stage 2: where p comes from (exactly one, for `abl`): a search run (its folder or gamma.json), gamma, or p1.
     gamma_from: str | None = None
-    gamma: tuple | None = None
-    p1: tuple | None = None
+    gamma: tuple[tuple[float, ...], ...] | None = None  # one row (student, teacher) per non-last block
+    p1: tuple[float, ...] | None = None  # one student weight per non-last block
     random_resample: bool = False  # abl-random: draw p1 ~ U(0, 1) again every iteration
     eval_heads: bool = True  # test accuracy of every auxiliary head per epoch (Fig. 4c, Fig. 6)
     # Stage 1 (abl-search). The counts and meta_lr left at None are set from search_scale (see below); the paper's
@@ -40,7 +40,7 @@ class ABLOptions:
     val_bn: str = "train"  # "train": batch statistics, buffers restored afterwards; "eval": running statistics
     val_fraction: float = 0.5
     meta_lr: float | None = None
-    meta_betas: tuple = (0.5, 0.999)
+    meta_betas: tuple[float, float] = (0.5, 0.999)
     meta_weight_decay: float = 1e-3
     meta_grad_clip: float | None = None
     fd_xi: float = 0.01  # fd_blockwise: xi = fd_xi / ||v|| (the paper's footnote)
@@ -50,21 +50,23 @@ class ABLOptions:
     # Stage 1's length relative to its run. The paper searches 40k warm-start steps + 10k gamma updates for a
     # 187,680-step final run (CIFAR-100: 240 epochs of 782 batches); `auto` keeps that proportion for any run, a
     # number S multiplies the paper's counts by S and divides meta_lr by S as given (see resolve_search).
-    search_scale: float | str = "auto"
+    # int first: a whole number stays as given (gamma.json and the pipeline's line record `search_scale 1`, not 1.0).
+    search_scale: int | float | str = "auto"
     # The final run's length in optimiser steps (optim.epochs x batches of the whole training set): filled in by
     # the engine, read by search_scale=auto. None (options built without a run) means the paper's length.
     run_steps: int | None = None
     # What resolve_search decided (scale, counts, floor, cap): set once, so a copy (dataclasses.replace) keeps the
     # resolved fields as they are instead of scaling them again.
-    search_plan: dict | None = dataclasses.field(default=None, compare=False, metadata={"resolved": True})
+    search_plan: dict[str, Any] | None = dataclasses.field(default=None, compare=False,
+                                                           metadata={"resolved": True})
 
     def __post_init__(self) -> None:
-        if self.search_plan is not None:
-            return
-        plan = resolve_search(self)
-        for name in SEARCH_FIELDS:
-            object.__setattr__(self, name, plan[name])
-        object.__setattr__(self, "search_plan", plan)
+        if self.search_plan is None:
+            plan = resolve_search(self)
+            for name in SEARCH_FIELDS:
+                object.__setattr__(self, name, plan[name])
+            object.__setattr__(self, "search_plan", plan)
+        check_options(self)
 
 
 # The paper's search ([A] "Warm start"; spec §12 rows 8 and 13): 40k warm-start steps, 10k gamma updates at Adam's
@@ -162,7 +164,7 @@ def resolve_search(opts: "ABLOptions") -> dict[str, Any]:
 
 
 def check_options(opts: ABLOptions) -> None:
-    """Reject out-of-range options with the allowed values."""
+    """Reject out-of-range options with the allowed values (ABLOptions runs it on every instance it makes)."""
     choices = {"aux_type": AUX_KINDS, "aux_grad": ("unweighted", "weighted"), "hypergrad": HYPERGRADS,
                "val_objective": VAL_OBJECTIVES, "val_bn": ("train", "eval")}
     for name, allowed in choices.items():

@@ -94,17 +94,12 @@ def configured_warm_steps(run_dir: str | Path) -> int | None:
         cls = strategies.get(strategy["name"])
     except UnknownNameError:
         return None
-    option_class = cls.option_class
-    if option_class is None or not dataclasses.is_dataclass(option_class):
+    if "warm_steps" not in cls.option_names():
         return None
-    fields = {f.name for f in dataclasses.fields(option_class)}
-    if "warm_steps" not in fields:
-        return None
-    # Precedence of the strategy itself: the user's args over the class preset over the options' default; the
-    # options class applies its own rules (search_scale), so the figure shows the warm start the run used.
-    merged = {**cls.preset, **(strategy.get("args") or {})}
+    # Resolved as the run resolved it (the user's args over the class preset over the defaults, the options' own
+    # rules such as search_scale applied), so the figure shows the warm start the run used.
     try:
-        options = option_class(**{k: v for k, v in merged.items() if k in fields})
+        options = cls.resolve_options(strategy.get("args") or {})
     except (TypeError, ValueError):
         return None
     value = options.warm_steps

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 from adakd.distillers.base import Distiller
 from adakd.models.stage_types import StagedOutput
 from adakd.models.staged import StagedModel
+from adakd.options import OptionsError, build_options, settable_fields
 from adakd.ranks import average_gradients
 
 
@@ -64,13 +64,9 @@ class RunFacts:
     run_steps: int | None = None
 
 
-class OptionError(ValueError):
-    """A strategy option's value is refused; `key` names the option, so the engine reports strategy.args.<key>."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
-        self.problem = problem
+# A refused strategy option: the options resolver's error, whose `key` names the option (the engine reports it as
+# strategy.args.<key>). Options classes raise it from their own checks as OptionError(key, problem).
+OptionError = OptionsError
 
 
 FIGURE_KINDS = ("epochs", "steps", "blocks")
@@ -272,9 +268,7 @@ class Strategy:
     @classmethod
     def option_names(cls) -> set[str]:
         """Options a user may give (resolved-only fields, marked `metadata={"resolved": True}`, excluded)."""
-        if cls.option_class is None:
-            return set()
-        return {f.name for f in dataclasses.fields(cls.option_class) if not f.metadata.get("resolved")}
+        return set() if cls.option_class is None else {f.name for f in settable_fields(cls.option_class)}
 
     @classmethod
     def options_from_facts(cls, facts: RunFacts) -> dict[str, Any]:
@@ -283,13 +277,20 @@ class Strategy:
 
     @classmethod
     def resolve_options(cls, args: Mapping[str, Any], facts: RunFacts | None = None) -> Any:
-        """The typed options from preset, run facts and user args (None without `option_class`); ValueError if bad."""
-        unknown = sorted(set(args) - cls.option_names())
-        if unknown:
-            raise ValueError(f"unknown strategy option(s) {unknown} for {cls.__name__}")
+        """The typed options from preset, run facts and user args (None without `option_class`), through the one
+        options resolver (adakd.options: each value checked against its field's annotation); ValueError if bad."""
         if cls.option_class is None:
+            if args:
+                raise ValueError(f"unknown strategy option(s) {sorted(args)} for {cls.__name__}; it takes none")
             return None
-        return cls.option_class(**{**cls.preset, **(cls.options_from_facts(facts) if facts else {}), **args})
+        layers = (cls.preset, cls.options_from_facts(facts) if facts else {})
+        try:
+            return build_options(cls.option_class, args, layers=layers)
+        except OptionsError as err:
+            if err.unknown:
+                raise ValueError(f"unknown strategy option(s) {list(err.unknown)} for {cls.__name__}; "
+                                 f"{err.problem}") from None
+            raise
 
     @classmethod
     def needs_teacher_weights(cls, options: Any) -> bool:

@@ -12,10 +12,9 @@ strategies/ablations.py.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -175,17 +174,6 @@ def spot_layout(student: StagedModel, teacher: StagedModel, student_spots: list[
                       _segments(student_branches, student.num_stages), _segments(teacher_branches, teacher.num_stages))
 
 
-def check_options(options: Any) -> None:
-    """Type check a frozen options dataclass against its field defaults (YAML gives strings, ints, floats, bools)."""
-    for field in dataclasses.fields(options):
-        value, default = getattr(options, field.name), field.default
-        if default is None or value is None:
-            continue
-        allowed = (int, float) if isinstance(default, float) else type(default)
-        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, allowed):
-            raise ValueError(f"strategy option {field.name}={value!r} must be a {type(default).__name__}")
-
-
 # Shares are fractions; autoscaling would stretch e.g. 0.985-1.0 over the whole axis and exaggerate small changes.
 SHARE_YLIM = (0.0, 1.02)
 
@@ -200,14 +188,6 @@ class SpotMasked(Strategy):
                       columns="/share/", ylim=SHARE_YLIM),)
     # Shares, policy probabilities and the Gumbel temperature: not loss terms.
     not_loss_columns = ("/share/", "/policy_p/", "train/gumbel")
-
-    @classmethod
-    def resolve_options(cls, args: Mapping[str, Any], facts: RunFacts | None = None) -> Any:
-        """Strategy.resolve_options, then a type check of every field against its default."""
-        options = super().resolve_options(args, facts)
-        if options is not None:
-            check_options(options)
-        return options
 
     @classmethod
     def options_from_facts(cls, facts: RunFacts) -> dict[str, Any]:
