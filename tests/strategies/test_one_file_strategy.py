@@ -144,17 +144,8 @@ class OneFile(Standard):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.found = float(json.loads((Path(self.options.found_from) / "found.json").read_text())["seen"])
-        self.head = nn.BatchNorm1d(self.options.num_classes)  # owned: trained, checkpointed, SyncBN under DDP
-
-    def param_groups(self) -> dict[str, Any]:
-        return {**super().param_groups(), "head": list(self.head.parameters())}
-
-    def owned_modules(self) -> list[nn.Module]:
-        return [self.head]
-
-    def train(self, mode: bool = True) -> None:
-        super().train(mode)
-        self.head.train(mode)
+        # Owned: its own optimiser "head", train/eval mode, checkpoint entry "head", SyncBN under DDP.
+        self.head = self.own("head", nn.BatchNorm1d(self.options.num_classes), group="head")
 
     def training_step(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,
                       step: int = 0) -> dict[str, Tensor]:
@@ -163,13 +154,6 @@ class OneFile(Standard):
         self.optimizer_step(self.optimizers["head"], head_loss)
         out["onefile/found"] = torch.tensor(self.found)
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "head": self.head.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.head.load_state_dict(state["head"])
 
     def decision_names(self) -> list[str]:
         return ["everything"]

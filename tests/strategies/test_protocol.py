@@ -2,6 +2,7 @@
 engine names no strategy."""
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -195,3 +197,38 @@ def test_the_engine_names_no_strategy_and_probes_none():
             if "strateg" in match.group(2):
                 found.append(f"{path.name}: {match.group(0)}")
     assert found == []
+
+
+def test_owned_modules_are_trained_grouped_checkpointed_and_restored_by_the_base_class():
+    """`own` is the one container: SAKD's policy and adapters and ABL's heads go through it, with the checkpoint
+    entries and optimiser order the hand-written methods had (so old checkpoints keep loading)."""
+    from step_rig import build_strategy
+
+    sakd = build_strategy("sakd", "at", {"input_size": 16})
+    assert [m for m in sakd.owned_modules()] == [sakd.policy, sakd.adapters]
+    agent = sakd.param_groups()["agent"]
+    assert [id(p) for p in agent["params"]] == [id(p) for p in [*sakd.policy.parameters(), *sakd.adapters.parameters()]]
+    main = sakd.param_groups()["main"]
+    assert not {id(p) for p in main} & {id(p) for p in agent["params"]}
+    sakd.train(False)
+    assert not sakd.policy.training and not any(m.training for m in sakd.adapters.modules())
+    sakd.train(True)
+    assert sakd.policy.training and all(m.training for m in sakd.adapters.modules())
+    state = copy.deepcopy(sakd.state_dict())  # a state_dict holds the live tensors; the copy is the checkpoint
+    assert set(state) >= {"distiller", "policy", "adapters"}
+    with torch.no_grad():
+        before = sakd.policy.weight.clone()
+        sakd.policy.weight.add_(1.0)
+    sakd.load_state_dict(state)
+    assert torch.equal(sakd.policy.weight, before)  # restored from the entry, not left as edited
+    with pytest.raises(ValueError, match="checkpoint has no adapters for SAKD: it was written by another strategy"):
+        sakd.load_state_dict({k: v for k, v in state.items() if k != "adapters"})
+    with pytest.raises(ValueError, match="owns a module named 'policy' already"):
+        sakd.own("policy", nn.Linear(1, 1))
+
+    abl = build_strategy("abl-fixed", "kd", {"input_size": 16})
+    main = abl.param_groups()["main"]
+    student_and_distiller = [p for p in abl.student.parameters() if p.requires_grad]
+    heads = [p for head in abl.heads for p in head.parameters()]
+    assert [id(p) for p in main] == [id(p) for p in [*student_and_distiller, *heads]]  # the order optimiser state keys
+    assert "heads" in abl.state_dict() and abl.owned_modules() == [abl.heads]

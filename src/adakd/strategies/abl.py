@@ -91,6 +91,7 @@ class ABLBase(Strategy):
             self.heads = build_aux_heads(self.options.aux_type, shapes[:-1], num_classes, self.options.aux_width,
                                          self.options.aux_final_dim)
             self.heads.to(reference.device, reference.dtype)
+        self.own("heads", self.heads)  # empty without auxiliary heads: the checkpoint entry is there either way
         self.head_params = [list(h.parameters()) for h in self.heads]
         self.distiller_params = [p for p in distiller.trainable_parameters() if p.requires_grad]
         self.p = self.initial_p().to(reference.device, self.meta_dtype)
@@ -135,32 +136,15 @@ class ABLBase(Strategy):
         return self.p
 
     # ---- engine hooks
-    def param_groups(self) -> dict[str, Any]:
-        """Student, auxiliary heads and distiller heads all learn with the student's SGD ("main")."""
-        groups = super().param_groups()
-        groups["main"] = groups["main"] + [p for params in self.head_params for p in params]
-        return groups
-
-    def owned_modules(self) -> list[nn.Module]:
-        """The auxiliary heads."""
-        return [self.heads]
-
-    def train(self, mode: bool = True) -> None:
-        """Student, distiller and heads follow `mode`; the teacher stays in eval."""
-        super().train(mode)
-        self.heads.train(mode)
-
     def state_dict(self) -> dict[str, Any]:
         """Distiller parts, auxiliary heads and p."""
         state = super().state_dict()
-        state["heads"] = self.heads.state_dict()
         state["p"] = self.p.detach().cpu().clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` strictly."""
         super().load_state_dict(state)
-        self.heads.load_state_dict(state["heads"], strict=True)
         if tuple(state["p"].shape) != tuple(self.p.shape):
             raise ValueError(f"checkpoint p has shape {tuple(state['p'].shape)}, this student needs "
                              f"{tuple(self.p.shape)}")

@@ -264,6 +264,21 @@ class Strategy:
         self.clip_grad_norm: float | None = None
         self.accumulate = 1
         self.micro_batch = MicroBatch()
+        # Modules the strategy builds itself (policy, adapters, heads), by checkpoint entry: see `own`.
+        self.owned: dict[str, tuple[nn.Module, str]] = {}
+
+    def own(self, name: str, module: nn.Module, group: str = "main") -> nn.Module:
+        """Register a module the strategy builds (a policy, adapters, heads) and return it.
+
+        From then on the base class handles it: it follows `train(mode)`, its parameters join the optimiser
+        `group` of `param_groups()` (after the student's and the distiller's in "main"), `state_dict()` saves it
+        under `name` and `load_state_dict()` restores it strictly, and the engine converts its BatchNorm under
+        sync_bn (`owned_modules`).
+        """
+        if name in self.owned or name == "distiller":
+            raise ValueError(f"{type(self).__name__} owns a module named {name!r} already (or it is reserved)")
+        self.owned[name] = (module, group)
+        return module
 
     @classmethod
     def option_names(cls) -> set[str]:
@@ -339,7 +354,10 @@ class Strategy:
         params = [p for p in self.student.parameters() if p.requires_grad]
         if self.distiller is not None:
             params += [p for p in self.distiller.trainable_parameters() if p.requires_grad]
-        return {"main": params}
+        groups: dict[str, Any] = {"main": params}
+        for module, group in self.owned.values():
+            groups.setdefault(group, []).extend(p for p in module.parameters() if p.requires_grad)
+        return groups
 
     def attach(self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision,
                total_steps: int = 1, clip_grad_norm: float | None = None, accumulate: int = 1) -> None:
@@ -443,12 +461,16 @@ class Strategy:
         self.student.train(mode)
         if self.distiller is not None:
             self.distiller.train(mode)
+        for module, _ in self.owned.values():
+            module.train(mode)
         if self.teacher is not None:
             self.teacher.eval()
 
     def state_dict(self) -> dict[str, Any]:
-        """Extra state to checkpoint (distiller parts); the student and optimisers are saved by the engine."""
-        return {"distiller": self.distiller.state_dict() if self.distiller is not None else {}}
+        """Extra state to checkpoint (distiller parts, owned modules by name); the engine saves student and optimisers."""
+        state = {"distiller": self.distiller.state_dict() if self.distiller is not None else {}}
+        state.update({name: module.state_dict() for name, (module, _) in self.owned.items()})
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` strictly."""
@@ -456,10 +478,16 @@ class Strategy:
             self.distiller.load_state_dict(state["distiller"], strict=True)
         elif state.get("distiller"):
             raise ValueError("checkpoint holds distiller state but this run has no distiller")
+        missing = [name for name in self.owned if name not in state]
+        if missing:
+            raise ValueError(f"checkpoint has no {', '.join(missing)} for {type(self).__name__}: it was written by "
+                             "another strategy; resume it with the strategy it was trained with")
+        for name, (module, _) in self.owned.items():
+            module.load_state_dict(state[name], strict=True)
 
     def owned_modules(self) -> list[nn.Module]:
-        """Trainable modules the strategy builds itself (heads, policy, adapters); the engine may convert their BN."""
-        return []
+        """Trainable modules the strategy builds itself (registered with `own`); the engine may convert their BN."""
+        return [module for module, _ in self.owned.values()]
 
     def evaluate(self, loader) -> dict[str, float]:
         """Extra test metrics (logged as test/<name>) beside the student's own accuracy."""

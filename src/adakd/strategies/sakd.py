@@ -365,14 +365,14 @@ class SAKD(SpotMasked):
         teacher_shapes = teacher.feature_shapes(size)
         num = self.layout.num_decisions
         # Policy input: pooled teacher vector first, then the student's (§5.2).
-        self.policy = nn.Linear(teacher_shapes[-2][0] + student_shapes[-2][0], 2 * num)
+        self.policy = self.own("policy", nn.Linear(teacher_shapes[-2][0] + student_shapes[-2][0], 2 * num), "agent")
         pairs = list(zip(self.layout.student_branches, self.layout.teacher_branches))
-        self.adapters = nn.ModuleDict({
+        self.adapters = self.own("adapters", nn.ModuleDict({
             "student_to_teacher": nn.ModuleList(
                 build_adapter(opts.adapter, student_shapes[s], teacher_shapes[t]) for s, t in pairs),
             "teacher_to_student": nn.ModuleList(
                 build_adapter(opts.adapter, teacher_shapes[t], student_shapes[s]) for s, t in pairs),
-        })
+        }), "agent")
         bias = opts.teacher_train_bias_init if opts.teacher_trainable else opts.policy_bias_init
         if opts.homo and bias:
             with torch.no_grad():  # [C] edits the leaf in place outside no-grad, an error since PyTorch 1.8
@@ -403,9 +403,9 @@ class SAKD(SpotMasked):
 
     def param_groups(self) -> dict[str, Any]:
         """The student group ("main", as in Standard, with a trained teacher) and the agent group (own lr, decay)."""
-        groups = super().param_groups()
+        groups = super().param_groups()  # "agent": the policy's and the adapters' parameters (owned)
         groups["main"] = groups["main"] + self.unsynced_params
-        groups["agent"] = {"params": self.agent_params, "lr_scale": self.options.agent_lr_scale,
+        groups["agent"] = {"params": groups["agent"], "lr_scale": self.options.agent_lr_scale,
                            "weight_decay": self.options.agent_weight_decay}
         return groups
 
@@ -416,23 +416,15 @@ class SAKD(SpotMasked):
         agent = optimizers.get("agent")
         self.agent_full_lr = [group["lr"] for group in agent.param_groups] if agent is not None else []
 
-    def owned_modules(self) -> list[nn.Module]:
-        """The policy and the adapters."""
-        return [self.policy, self.adapters]
-
     def train(self, mode: bool = True) -> None:
         """Student, distiller, policy and adapters follow `mode`; the teacher stays in eval unless it trains."""
         super().train(mode)
-        self.policy.train(mode)
-        self.adapters.train(mode)
         if self.teacher_learns:
             self.teacher.train(mode)
 
     def state_dict(self) -> dict[str, Any]:
         """Distiller heads, policy, adapters ([C] saves no adapters; exact resume needs them, §13), trained teacher."""
         state = super().state_dict()
-        state["policy"] = self.policy.state_dict()
-        state["adapters"] = self.adapters.state_dict()
         if self.teacher_learns:
             state["teacher"] = self.teacher.model.state_dict()
         return state
@@ -440,8 +432,6 @@ class SAKD(SpotMasked):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` strictly."""
         super().load_state_dict(state)
-        self.policy.load_state_dict(state["policy"], strict=True)
-        self.adapters.load_state_dict(state["adapters"], strict=True)
         if self.teacher_learns:
             self.teacher.model.load_state_dict(state["teacher"], strict=True)
         elif "teacher" in state:
