@@ -1,12 +1,11 @@
 """The optional pre-training stage a distiller may declare (FT's paraphraser), run before distillation."""
 from __future__ import annotations
 
-
 import torch
 from tqdm.auto import tqdm
 
 from adakd.distillers.base import Distiller
-from adakd.engine.distributed import all_reduce_sum
+from adakd.ranks import all_reduce_sum, average_gradients
 from adakd.models.staged import StagedModel
 from adakd.strategies.base import Precision
 
@@ -23,7 +22,6 @@ def pretrain(
     teacher_spots: list[int],
     loader,
     precision: Precision,
-    world_size: int = 1,
     progress: bool = True,
 ) -> list[float]:
     """SGD (momentum 0.9, wd 5e-4, constant lr) on `distiller.pretrain_loss`; returns the mean loss per epoch."""
@@ -42,10 +40,7 @@ def pretrain(
                 loss = distiller.pretrain_loss([output.features[k] for k in teacher_spots])
             optimizer.zero_grad(set_to_none=True)
             precision.backward(loss)
-            if world_size > 1:  # the distiller is not inside DDP here: average its gradients by hand
-                for param in params:
-                    if param.grad is not None:
-                        all_reduce_sum(param.grad).div_(world_size)
+            average_gradients(params)  # the distiller is not inside DDP here (one flat all-reduce; none when alone)
             precision.step(optimizer)
             total += torch.stack([loss.detach().double() * images.shape[0],
                                   torch.tensor(float(images.shape[0]), dtype=torch.float64, device=total.device)])

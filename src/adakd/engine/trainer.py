@@ -507,8 +507,7 @@ class Trainer:
         loader = datasets.make_loader(self.train_set, self.batch, train=True, device=self.dist.device,
                                       seed=(self.config.seed + 32768) % 65536, rank=self.dist.rank,
                                       world_size=self.dist.world_size, num_workers=self.config.data.num_workers)
-        history = pretrain(self.distiller, self.teacher, self.teacher_spots, loader, self.precision,
-                           self.dist.world_size, progress)
+        history = pretrain(self.distiller, self.teacher, self.teacher_spots, loader, self.precision, progress)
         if self.dist.is_main:
             self.run.write_pretrain(history)
             if progress:
