@@ -1,7 +1,7 @@
 """Under a 2-process gloo run every rank ends with the same weights and the same strategy state.
 
-CRD's memory banks (every rank writes every rank's rows), SAKD's policy and adapters, ABL's gamma and its Adam state
-must not drift apart, or rank 0's checkpoint would not describe the run.
+CRD's memory banks (every rank writes every rank's rows), SAKD's policy and adapters, ABL's gamma and its Adam state,
+FT's pre-trained paraphraser must not drift apart, or rank 0's checkpoint would not describe the run.
 """
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ def flatten(prefix, value, out):
     ["method=crd", "distill.args.num_negatives=16"],
     ["strategy=sakd", "method=at"],
     ["strategy=abl-search", "method=kd", "strategy.args.warm_steps=2", "strategy.args.meta_steps=3"],
-], ids=["crd", "sakd", "abl-search"])
+    # FT's paraphraser is pre-trained outside DDP, its gradients averaged across ranks by engine/pretrain.py.
+    ["method=ft", "distill.args.pretrain_epochs=1"],
+], ids=["crd", "sakd", "abl-search", "ft"])
 def test_ranks_agree_on_weights_and_strategy_state(tmp_path, extra, random_teacher):
     teacher = random_teacher(path=tmp_path / "teacher.pth")
     script = tmp_path / "run.py"
@@ -56,7 +58,7 @@ def test_ranks_agree_on_weights_and_strategy_state(tmp_path, extra, random_teach
     overrides = ["task=distill", "model.name=resnet8", "teacher.name=resnet8", f"teacher.weights={teacher}",
                  "data.image_size=8", "data.train_size=128", "data.batch_size=32", "optim.epochs=1",
                  "log.progress=false", "log.tensorboard=false", f"out_dir={tmp_path}", "name=run", *extra]
-    port = 29530 + ["crd", "sakd", "abl-search"].index(
+    port = 29530 + ["crd", "sakd", "abl-search", "ft"].index(
         "crd" if "method=crd" in extra else extra[0].split("=")[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port), str(script),
