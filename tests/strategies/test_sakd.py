@@ -135,7 +135,7 @@ PAIRS = {"resnet8": "resnet14", "vgg8": "vgg11"}
 def expected_k(method, body):
     if method in ("at", "nst", "vid"):
         return body + 1
-    if method in ("kd", "dkd"):
+    if distillers.get(method).defaults.spots == (-1,):  # a logits-only method: kd, dkd and issue 21's logit methods
         return 1
     if method == "reviewkd":
         return body + 2

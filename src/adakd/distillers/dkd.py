@@ -2,16 +2,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean
+from adakd.distillers.base import DistillContext, Distiller, DistillerDefaults, masked_mean
 from adakd.distillers.registry import register_distiller
 
 # Subtracted from the target logit to take it out of the non-target softmax (mdistiller's constant).
 _TARGET_OFFSET = 1000.0
+
+
+def require_non_target_classes(method: str, term: str, logit_sizes: Sequence[tuple[int, ...]],
+                               context: DistillContext | None = None) -> None:
+    """Refuse fewer than 3 classes for a method whose `term` compares distributions over the non-target classes.
+
+    With 2 classes the non-target distribution has one class, so the term is identically zero (with 1 it is
+    undefined): the method would silently be something else. The class count is the dataset's
+    (`DistillContext.num_classes`, when known) and every logit width.
+    """
+    counts = [int(size[0]) for size in logit_sizes]
+    if context is not None and context.num_classes > 0:
+        counts.append(int(context.num_classes))
+    classes = min(counts)
+    if classes < 3:
+        why = ("with 2 classes that distribution has only one class, so the term is identically zero" if classes == 2
+               else f"with {classes} class{'' if classes == 1 else 'es'} it is empty, so the term is undefined")
+        raise ValueError(f"{method} needs at least 3 classes, got {classes}: its {term} term compares the "
+                         f"distributions over the non-target classes, and {why}; use kd (or wsld, ttm) instead")
 
 
 def _binary_log_probs(scaled_logits: Tensor, targets: Tensor, target_mask: Tensor) -> Tensor:
@@ -81,8 +101,7 @@ class DKD(Distiller):
         for spot, s, t in zip(spot_names, student_shapes, teacher_shapes):
             if s != t or len(s) != 1:
                 raise ValueError(f"dkd needs logit vectors of equal size at {spot!r}; student {s} vs teacher {t}")
-            if s[0] < 3:
-                raise ValueError(f"dkd needs at least 3 classes (NCKD is degenerate with {s[0]}); use kd instead")
+        require_non_target_classes("dkd", "NCKD", student_shapes, context)
         self.config = config
 
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
