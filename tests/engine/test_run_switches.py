@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from adakd import models
+from markers import slow_except
 from adakd.engine.config import resolve
 from adakd.engine.trainer import Trainer
 from adakd.models.layers import with_input_channels
@@ -32,7 +33,8 @@ def test_eval_every_scores_every_nth_epoch_and_always_the_last(tmp_path):
     assert summary["last_acc1"] == float(rows[-1]["test/acc1"]) and summary["best_epoch"] in scored
 
 
-@pytest.mark.parametrize("name", models.available())
+# The inner loop keeps one model of each family (CIFAR ResNet, VGG, MobileNet, ShuffleNet, WRN, ImageNet ResNet).
+@pytest.mark.parametrize("name", slow_except(models.available(), ["resnet8", "vgg8", "MobileNetV2", "ShuffleV2", "wrn_16_2", "resnet18"]))
 def test_every_zoo_model_takes_one_channel_images(name):
     imagenet = name in ("resnet18", "resnet34", "resnet50", "mobilenetv1")
     model = models.create(name, num_classes=5)
