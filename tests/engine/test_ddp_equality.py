@@ -39,6 +39,14 @@ def run(args: list[str], nproc: int, port: int) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def one_and_two_processes(args: list[str], port: int, tmp_path) -> tuple[dict, dict]:
+    """The last checkpoints of `args` run in one process and under two gloo ranks."""
+    run(args + ["name=one"], nproc=1, port=0)
+    run(args + ["name=two"], nproc=2, port=port)
+    return tuple(torch.load(tmp_path / name / "last.pth", map_location="cpu", weights_only=True)
+                 for name in ("one", "two"))
+
+
 def max_abs_diff(a: dict, b: dict) -> tuple[float, str]:
     """The largest |a - b| over every tensor of two state dicts, and where it is."""
     assert a.keys() == b.keys()
@@ -65,10 +73,7 @@ def test_two_gloo_ranks_give_the_weights_of_one_process(tmp_path, task):
         # (measured); 4 steps at lr 0.01 stay at float32 noise.
         args += ["teacher.name=resnet14", f"teacher.weights={teacher}", "method=kd", "distill.kl_weight=0.5",
                  "optim.lr=0.01", "optim.epochs=1"]
-    run(args + ["name=one"], nproc=1, port=0)
-    run(args + ["name=two"], nproc=2, port=port)
-    one, two = (torch.load(tmp_path / name / "last.pth", map_location="cpu", weights_only=True)
-                for name in ("one", "two"))
+    one, two = one_and_two_processes(args, port, tmp_path)
     # train: 2 epochs of 4 global batches; distill: 1 epoch; the ABL search: its 1 + 3 steps.
     assert one["step"] == two["step"] == (8 if task == "train" else 4)
     diff, where = max_abs_diff(one["model"], two["model"])
@@ -91,10 +96,7 @@ def test_accumulation_under_two_gloo_ranks_gives_the_weights_of_one_process(tmp_
         # 1 epoch at lr 0.01, as the distill case above: a collapsing student amplifies float32 noise at lr 0.05.
         args += ["strategy=sakd", "teacher.name=resnet14", f"teacher.weights={teacher}", "method=kd",
                  "distill.kl_weight=0.5", "optim.lr=0.01", "optim.epochs=1"]
-    run(args + ["name=one"], nproc=1, port=0)
-    run(args + ["name=two"], nproc=2, port={"train": 29546, "sakd": 29547}[task])
-    one, two = (torch.load(tmp_path / name / "last.pth", map_location="cpu", weights_only=True)
-                for name in ("one", "two"))
+    one, two = one_and_two_processes(args, {"train": 29546, "sakd": 29547}[task], tmp_path)
     # 4 micro-batches of 32 per epoch: 2 optimiser steps each.
     assert one["step"] == two["step"] == (8 if task == "train" else 4)
     diff, where = max_abs_diff(one["model"], two["model"])

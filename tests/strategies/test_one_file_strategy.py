@@ -51,15 +51,10 @@ def last_held_out_step(run_dir: Path) -> float | None:
     return float(json.loads(path.read_text())["steps"]) if path.is_file() else None
 
 
-class OneFileSearch(Standard):
-    """Standard's step, plus one held-out batch per step; the result is how many held-out samples it saw."""
+class OneFileBase(Standard):
+    """What both stages share: their options, filled from the run's facts, and when a teacher is needed."""
 
     option_class = OneFileOptions
-    preset = {"teacher": "scratch", "held_out": 0.25}
-    run_files = ("found.json", "found_steps.csv")
-    figures = (Figure("found_trajectory", "held-out samples seen per step", "held-out samples",
-                      columns=r"^seen$", kind="steps", source="found_steps.csv", x="step", xlabel="training step",
-                      label="full", band=Band("first step", end=last_held_out_step)),)
 
     @classmethod
     def options_from_facts(cls, facts: RunFacts) -> dict[str, Any]:
@@ -68,6 +63,16 @@ class OneFileSearch(Standard):
     @classmethod
     def needs_teacher_weights(cls, options: OneFileOptions) -> bool:
         return options.teacher != "scratch"
+
+
+class OneFileSearch(OneFileBase):
+    """Standard's step, plus one held-out batch per step; the result is how many held-out samples it saw."""
+
+    preset = {"teacher": "scratch", "held_out": 0.25}
+    run_files = ("found.json", "found_steps.csv")
+    figures = (Figure("found_trajectory", "held-out samples seen per step", "held-out samples",
+                      columns=r"^seen$", kind="steps", source="found_steps.csv", x="step", xlabel="training step",
+                      label="full", band=Band("first step", end=last_held_out_step)),)
 
     @classmethod
     def validation_fraction(cls, options: OneFileOptions) -> float:
@@ -109,24 +114,15 @@ class OneFileSearch(Standard):
         self.seen, self.batches = state["seen"], state["batches"]
 
 
-class OneFile(Standard):
+class OneFile(OneFileBase):
     """Standard's step on the whole training set, logging what the search found; an owned head; one decision."""
 
-    option_class = OneFileOptions
     preset = {"teacher": "scratch"}
     search_strategy = SEARCH
     search_options = ("found_from",)
     searched = "the held-out count"
     figures = (Figure("onefile_found", "what the search found", "held-out samples", columns=r"^train/onefile/"),)
     not_loss_columns = ("train/onefile/",)
-
-    @classmethod
-    def options_from_facts(cls, facts: RunFacts) -> dict[str, Any]:
-        return {"num_classes": facts.num_classes}
-
-    @classmethod
-    def needs_teacher_weights(cls, options: OneFileOptions) -> bool:
-        return options.teacher != "scratch"
 
     @classmethod
     def search_overrides(cls) -> dict[str, Any]:
