@@ -171,7 +171,8 @@ def test_a_distillers_args_are_type_checked():
     with pytest.raises(OptionsError) as info:
         build_config(KDConfig, {"temperature": "hot"}, "distill.args")
     assert str(info.value) == "distill.args.temperature: expected float, got str 'hot'"
-    with pytest.raises(OptionsError, match=r"^unknown config key distill\.args\.tempp; valid keys: temperature$"):
+    with pytest.raises(OptionsError,
+                       match=r"^unknown config key distill\.args\.tempp; valid keys: temperature, standardize$"):
         build_config(KDConfig, {"tempp": 3}, "distill.args")
 
 

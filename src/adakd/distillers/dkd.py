@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adakd.distillers.base import DistillContext, Distiller, DistillerDefaults, masked_mean
+from adakd.distillers.kd import standardize_logits
 from adakd.distillers.registry import register_distiller
 
 # Subtracted from the target logit to take it out of the non-target softmax (mdistiller's constant).
@@ -65,14 +66,19 @@ def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
 
 
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float, beta: float,
-             temperature: float, warmup: float = 1.0) -> Tensor:
+             temperature: float, warmup: float = 1.0, standardize: bool = False) -> Tensor:
     """Per-sample warmup * (alpha * TCKD + beta * NCKD); `warmup` = min(epoch / warm-up epochs, 1).
+
+    `standardize`: both logit sets are z-scored first (`standardize_logits`, LS; as
+    sunshangquan/logit-standardization-KD: mdistiller/distillers/DKD.py, `dkd_loss`) and T is LS's base temperature.
 
     Follows megvii-research/mdistiller:mdistiller/distillers/DKD.py (T^2 scaling, the -1000 offset on the target
     logit for NCKD, the linear warm-up of the whole term). Departure, numerical only: the binary distribution is
     taken in log space from log-sum-exps instead of the log of summed probabilities, which is log 0 = -inf
     when a float32 softmax saturates.
     """
+    if standardize:
+        student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
     tckd, nckd = dkd_parts(student_logits, teacher_logits, targets, temperature)
     return warmup * (alpha * tckd + beta * nckd)
 
@@ -85,11 +91,16 @@ class DKDConfig:
     beta: float = 8.0
     temperature: float = 4.0
     warmup_epochs: int = 20
+    standardize: bool = False  # logit standardisation (LS, CVPR 2024): z-score both logit sets first
 
 
 @register_distiller("dkd", tags=("classic",))
 class DKD(Distiller):
-    """Decoupled KD at the logits spot; weights CE 1, DKD 1 (alpha and beta are internal, recipes.md §3)."""
+    """Decoupled KD at the logits spot; weights CE 1, DKD 1 (alpha and beta are internal, recipes.md §3).
+
+    `standardize: true` is DKD with logit standardisation (LS); LS's CIFAR-100 recipe is the preset ls-dkd (T 2,
+    alpha 9, beta 72) and its per-pair values are `adakd.distillers.kd.LS_CIFAR100_PAIRS`.
+    """
 
     name = "dkd"
     defaults = DistillerDefaults(ce_weight=1.0, method_weight=1.0, spots=(-1,))
@@ -110,6 +121,6 @@ class DKD(Distiller):
         warmup = min(epoch / c.warmup_epochs, 1.0) if c.warmup_epochs > 0 else 1.0
         return {
             f"dkd/{spot}": masked_mean(
-                dkd_loss(s, self.teacher_input(t), targets, c.alpha, c.beta, c.temperature, warmup), m)
+                dkd_loss(s, self.teacher_input(t), targets, c.alpha, c.beta, c.temperature, warmup, c.standardize), m)
             for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks)
         }

@@ -225,7 +225,7 @@ def loss_weights(config: RunConfig, distiller) -> LossWeights:
     d = type(distiller).defaults
     return LossWeights(ce=d.ce_weight if c.ce_weight is None else c.ce_weight,
                        method=d.method_weight if c.method_weight is None else c.method_weight,
-                       kl=c.kl_weight, temperature=c.temperature)
+                       kl=c.kl_weight, temperature=c.temperature, kl_standardize=c.kl_standardize)
 
 
 def build_strategy(config: RunConfig, run: Run, student: nn.Module, dist: DistInfo) -> Strategy:

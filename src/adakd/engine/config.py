@@ -97,6 +97,9 @@ class DistillConfig:
     method_weight: float | None = None  # None: the distiller's default (KD 0.9, AT 1000, ...)
     kl_weight: float = 0.0  # an extra KD term on top of any method (a strategy's own KD weight, e.g. a paper's beta_1)
     temperature: float = 4.0  # of that extra KD term; a method's own temperature is in `args`
+    # Logit standardisation (LS, CVPR 2024) on that extra KD term: both logit sets z-scored per sample, then
+    # `temperature` as LS's base temperature (T^2 kept); a method's own switch is `args.standardize` (kd, dkd).
+    kl_standardize: bool = False
     spots: tuple[int | str, ...] | None = None  # stage indices (or "stages"); None: the distiller's default
     args: dict[str, Any] = field(default_factory=dict)  # the distiller's own hyper-parameters
     # Per-method defaults that a preset carries (DKD's per-pair beta, ImageNet's KD weights), used only when
@@ -392,6 +395,7 @@ def validate(config: RunConfig) -> None:
             (f"method={config.distill.method}", config.distill.method != DistillConfig.method),
             (f"strategy={config.strategy.name}", config.strategy.name != StrategyConfig.name),
             (f"distill.kl_weight={config.distill.kl_weight}", config.distill.kl_weight != DistillConfig.kl_weight),
+            ("distill.kl_standardize=true", config.distill.kl_standardize),
         ) if given]
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: `adakd train` trains model.name alone with cross-entropy and "
@@ -405,6 +409,11 @@ def validate(config: RunConfig) -> None:
                                                      for v in values)):
             raise ConfigError(f"data.{key} must be a list of finite numbers, one per channel, in 0..1 units"
                               f"{' and > 0' if key == 'std' else ''}, e.g. [0.485, 0.456, 0.406]; got {list(values)}")
+    if config.task == "distill" and config.distill.kl_standardize and config.distill.kl_weight == 0:
+        # The switch would silently standardise a term that is not in the loss.
+        raise ConfigError("distill.kl_standardize=true standardises the extra KL term, which distill.kl_weight=0 "
+                          "leaves out of the loss; give distill.kl_weight > 0 (e.g. distill.kl_weight=1), or for a "
+                          "method's own logits use distill.args.standardize=true (kd, dkd)")
     args = config.distill.for_method().args
     value = args.get("temperature")  # a method's own temperature (KD, DKD, CRD) divides its logits
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:

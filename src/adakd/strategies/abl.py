@@ -188,7 +188,8 @@ class ABLBase(Strategy):
         terms = {name: self.weights.method * value for name, value in named.items()}
         if self.weights.kl > 0:
             terms["kl"] = self.weights.kl * kd_loss(student_logits, teacher_out.features[-1],
-                                                    self.weights.temperature).mean()
+                                                    self.weights.temperature,
+                                                    standardize=self.weights.kl_standardize).mean()
         return terms
 
     def forward_parts(self, images: Tensor, targets: Tensor, indices: Tensor, epoch: int,

@@ -52,6 +52,7 @@ class LossWeights:
     method: float = 0.0
     kl: float = 0.0
     temperature: float = 4.0
+    kl_standardize: bool = False  # z-score the logits of the KL term first (logit standardisation, LS)
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,7 @@ class SpotMasked(Strategy):
         terms.update({name: self.weights.method * value for name, value in named.items()})
         if self.weights.kl > 0:
             kl = kd_loss(logits, teacher_out.features[-1], self.weights.temperature,
-                         detach_teacher=not self.teacher_learns)
+                         detach_teacher=not self.teacher_learns, standardize=self.weights.kl_standardize)
             terms["kl"] = self.weights.kl * masked_mean(kl, masks[:, -1])
         return terms
 

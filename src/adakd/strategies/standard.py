@@ -38,7 +38,8 @@ class Standard(Strategy):
                     )
                     terms.update({name: self.weights.method * value for name, value in named.items()})
                 if self.weights.kl > 0:
-                    kl = kd_loss(logits, teacher_out.features[-1], self.weights.temperature).mean()
+                    kl = kd_loss(logits, teacher_out.features[-1], self.weights.temperature,
+                                 standardize=self.weights.kl_standardize).mean()
                     terms["kl"] = self.weights.kl * kl
             loss = torch.stack(list(terms.values())).sum()
         self.optimizer_step(self.optimizers["main"], loss)
