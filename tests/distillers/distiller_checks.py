@@ -212,3 +212,11 @@ def check_zoo_stage_terms(method: str, teacher_name: str, student_name: str, def
     assert pair.student_spots == pair.teacher_spots == list(range(1, pair.student.num_stages - 2))
     assert list(pair.out) == [f"{method}/stage{k}" for k in pair.student_spots]
     assert all(torch.isfinite(v) and v > 0 for v in pair.out.values())
+
+
+# ---- learning on the synthetic set (the new methods' runs under standard, SAKD and ABL)
+
+SYNTHETIC = ["dataset=synthetic", "data.train_size=64", "data.batch_size=16", "data.num_workers=0",
+             "optim.milestones=[]", "lr=0.01", "log.progress=false", "log.tensorboard=false"]
+LEARNING_STRATEGIES = {"standard": [], "sakd": ["strategy=sakd", "distill.kl_weight=1"],
+                       "abl": ["strategy=abl-fixed"]}

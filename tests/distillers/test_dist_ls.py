@@ -21,7 +21,8 @@ from adakd.engine.config import ConfigError, OptimConfig, load_preset, resolve
 from adakd.engine.optim import build_optimizers
 from adakd.strategies.base import LossWeights, Precision
 from adakd.strategies.standard import Standard
-from distiller_checks import assert_gradients_follow_mask, check_float32_under_autocast, one_spot
+from distiller_checks import (LEARNING_STRATEGIES, SYNTHETIC, assert_gradients_follow_mask,
+                              check_float32_under_autocast, one_spot)
 from markers import slow_except
 from sync_counter import SyncCounter
 
@@ -398,21 +399,10 @@ def test_ls_per_pair_values_are_by_method_entries_of_the_shipped_pairs():
 
 # ---- learning on the synthetic set under standard, SAKD and ABL
 
-SYNTHETIC = ["dataset=synthetic", "data.train_size=64", "data.batch_size=16", "data.num_workers=0",
-             "optim.milestones=[]", "lr=0.01", "log.progress=false", "log.tensorboard=false"]
-STRATEGIES = {"standard": [], "sakd": ["strategy=sakd", "distill.kl_weight=1"], "abl": ["strategy=abl-fixed"]}
 METHODS = {"dist": ["method=dist"], "kd-ls": ["--preset", "ls-kd"]}
-CASES = [(method, strategy) for method in METHODS for strategy in STRATEGIES]
+CASES = [(method, strategy) for method in METHODS for strategy in LEARNING_STRATEGIES]
 # The inner loop keeps a diagonal that still runs both methods and every strategy; CI runs all six.
 INNER_LOOP = ["dist-standard", "kd-ls-sakd", "dist-abl"]
-
-
-@pytest.fixture(scope="module")
-def synthetic_teacher(tmp_path_factory):
-    """A resnet14 teacher trained 4 epochs on the synthetic set (a random teacher would teach nothing)."""
-    root = tmp_path_factory.mktemp("teacher")
-    assert main(["train", *SYNTHETIC, "epochs=4", "model.name=resnet14", f"out_dir={root}", "name=t"]) == 0
-    return root / "t" / "last.pth"
 
 
 @pytest.mark.parametrize("method, strategy", slow_except(CASES, INNER_LOOP))
@@ -420,7 +410,7 @@ def test_learns_on_the_synthetic_set(tmp_path, synthetic_teacher, method, strate
     # Under SAKD, kd+LS also standardises SAKD's extra KL term.
     extra = ["distill.kl_standardize=true"] if (method, strategy) == ("kd-ls", "sakd") else []
     argv = ["distill", *METHODS[method], *SYNTHETIC, "epochs=3", "model.name=resnet8", "teacher.name=resnet14",
-            f"teacher.weights={synthetic_teacher}", f"out_dir={tmp_path}", "name=run", *STRATEGIES[strategy], *extra]
+            f"teacher.weights={synthetic_teacher}", f"out_dir={tmp_path}", "name=run", *LEARNING_STRATEGIES[strategy], *extra]
     assert main(argv) == 0
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     prefix = "train/dist/" if method == "dist" else "train/kd/"

@@ -16,7 +16,8 @@ from adakd.distillers.dkd import DKD
 from adakd.distillers.nkd import NKD, NKDConfig, nkd_loss
 from adakd.distillers.ttm import TTM, WTTM, TTMConfig, WTTMConfig, ttm_loss, ttm_parts, wttm_loss
 from adakd.distillers.wsld import WSLD, WSLDConfig, wsld_loss, wsld_weight
-from distiller_checks import assert_gradients_follow_mask, check_float32_under_autocast, one_spot
+from distiller_checks import (LEARNING_STRATEGIES, SYNTHETIC, assert_gradients_follow_mask,
+                              check_float32_under_autocast, one_spot)
 from markers import slow_except
 
 B, C = 5, 7
@@ -340,28 +341,17 @@ def test_two_class_data_through_the_cli_is_one_error_line(tmp_path, capsys, meth
 
 # ---- learning on the synthetic set under standard, SAKD and ABL
 
-SYNTHETIC = ["dataset=synthetic", "data.train_size=64", "data.batch_size=16", "data.num_workers=0",
-             "optim.milestones=[]", "lr=0.01", "log.progress=false", "log.tensorboard=false"]
-STRATEGIES = {"standard": [], "sakd": ["strategy=sakd", "distill.kl_weight=1"], "abl": ["strategy=abl-fixed"]}
 METHODS = ["wsld", "ttm", "wttm", "nkd"]
-CASES = [(method, strategy) for method in METHODS for strategy in STRATEGIES]
+CASES = [(method, strategy) for method in METHODS for strategy in LEARNING_STRATEGIES]
 # The inner loop keeps a diagonal that still runs every method and every strategy; CI runs all twelve.
 INNER_LOOP = ["wsld-standard", "ttm-sakd", "wttm-abl", "nkd-standard"]
-
-
-@pytest.fixture(scope="module")
-def synthetic_teacher(tmp_path_factory):
-    """A resnet14 teacher trained 4 epochs on the synthetic set (a random teacher would teach nothing)."""
-    root = tmp_path_factory.mktemp("teacher")
-    assert main(["train", *SYNTHETIC, "epochs=4", "model.name=resnet14", f"out_dir={root}", "name=t"]) == 0
-    return root / "t" / "last.pth"
 
 
 @pytest.mark.parametrize("method, strategy", slow_except(CASES, INNER_LOOP))
 def test_learns_on_the_synthetic_set(tmp_path, synthetic_teacher, method, strategy):
     argv = ["distill", *SYNTHETIC, "epochs=3", "model.name=resnet8", "teacher.name=resnet14",
             f"teacher.weights={synthetic_teacher}", f"method={method}", f"out_dir={tmp_path}", "name=run",
-            *STRATEGIES[strategy]]
+            *LEARNING_STRATEGIES[strategy]]
     assert main(argv) == 0
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     method_columns = [c for c in rows[0] if c.startswith(f"train/{method}/")]
