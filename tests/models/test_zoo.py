@@ -17,6 +17,7 @@ import torchvision
 from torch import Tensor, nn
 
 from adakd import models
+from markers import slow_except
 from adakd.models.checkpoint import CheckpointError
 from adakd.registry import UnknownNameError
 from tiny_run import save_random_teacher
@@ -62,7 +63,10 @@ def _build(name: str, row: dict[str, str], seed: int = 0) -> nn.Module:
     return models.create(name, num_classes=int(row["num_classes"])).eval()
 
 
-@pytest.fixture(scope="module", params=models.available())
+# The inner loop checks one model of each family (CIFAR ResNet, VGG, MobileNet, ShuffleNet, WRN, ImageNet ResNet);
+# CI checks all of them.
+@pytest.fixture(scope="module", params=slow_except(models.available(), ["resnet8", "vgg8", "MobileNetV2", "ShuffleV2",
+                                                                       "wrn_16_2", "resnet18"]))
 def name(request: pytest.FixtureRequest) -> str:
     return request.param
 
