@@ -220,3 +220,11 @@ SYNTHETIC = ["dataset=synthetic", "data.train_size=64", "data.batch_size=16", "d
              "optim.milestones=[]", "lr=0.01", "log.progress=false", "log.tensorboard=false"]
 LEARNING_STRATEGIES = {"standard": [], "sakd": ["strategy=sakd", "distill.kl_weight=1"],
                        "abl": ["strategy=abl-fixed"]}
+
+
+def fixed_logits(seed: int, batch: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 student (requires grad) and teacher logits, spread enough to be far from uniform (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(batch, classes, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    teacher = torch.randn(batch, classes, generator=g, dtype=torch.float64) * 3
+    return student, teacher

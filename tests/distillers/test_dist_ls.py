@@ -22,7 +22,7 @@ from adakd.engine.optim import build_optimizers
 from adakd.strategies.base import LossWeights, Precision
 from adakd.strategies.standard import Standard
 from distiller_checks import (LEARNING_STRATEGIES, SYNTHETIC, assert_gradients_follow_mask,
-                              check_float32_under_autocast, one_spot)
+                              check_float32_under_autocast, fixed_logits, one_spot)
 from markers import slow_except
 from sync_counter import SyncCounter
 
@@ -31,10 +31,7 @@ B, C = 5, 7
 
 def fixed_inputs(seed: int = 0):
     """Float64 student (requires grad) and teacher logits of B x C, spread enough to be far from uniform."""
-    g = torch.Generator().manual_seed(seed)
-    student = (torch.randn(B, C, generator=g, dtype=torch.float64) * 2).requires_grad_()
-    teacher = torch.randn(B, C, generator=g, dtype=torch.float64) * 3
-    return student, teacher
+    return fixed_logits(seed, B, C)
 
 
 # ---- the published formulas, one sample and one class at a time (a code path of their own)

@@ -17,7 +17,7 @@ from adakd.distillers.nkd import NKD, NKDConfig, nkd_loss
 from adakd.distillers.ttm import TTM, WTTM, TTMConfig, WTTMConfig, ttm_loss, ttm_parts, wttm_loss
 from adakd.distillers.wsld import WSLD, WSLDConfig, wsld_loss, wsld_weight
 from distiller_checks import (LEARNING_STRATEGIES, SYNTHETIC, assert_gradients_follow_mask,
-                              check_float32_under_autocast, one_spot)
+                              check_float32_under_autocast, fixed_logits, one_spot)
 from markers import slow_except
 
 B, C = 5, 7
@@ -25,9 +25,7 @@ B, C = 5, 7
 
 def fixed_inputs(seed: int = 0):
     """Float64 student (requires grad) and teacher logits of B x C, spread enough to be far from uniform."""
-    g = torch.Generator().manual_seed(seed)
-    student = (torch.randn(B, C, generator=g, dtype=torch.float64) * 2).requires_grad_()
-    teacher = torch.randn(B, C, generator=g, dtype=torch.float64) * 3
+    student, teacher = fixed_logits(seed, B, C)
     targets = torch.tensor([0, 3, 6, 2, 3])
     return student, teacher, targets
 

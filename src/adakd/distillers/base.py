@@ -49,6 +49,13 @@ def resolve_spots(spots: Sequence[int | str], num_stages: int) -> list[int]:
     return out
 
 
+def require_equal_logits(method: str, spot_names: Sequence[str], student_shapes, teacher_shapes) -> None:
+    """Refuse anything but logit vectors of equal size at every spot (the logit distillers' one shape rule)."""
+    for spot, s, t in zip(spot_names, student_shapes, teacher_shapes):
+        if s != t or len(s) != 1:
+            raise ValueError(f"{method} needs logit vectors of equal size at {spot!r}; student {s} vs teacher {t}")
+
+
 def masked_mean(per_sample: Tensor, mask: Tensor | None) -> Tensor:
     """Mean over the whole batch with masked-out samples contributing exactly zero."""
     if mask is None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean, relational_term
+from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean, relational_term, require_equal_logits
 from adakd.distillers.registry import register_distiller
 
 # Added to the product of the two norms in the Pearson correlation (the reference's `cosine_similarity` eps).
@@ -104,9 +104,7 @@ class DIST(Distiller):
     def __init__(self, spot_names, student_shapes, teacher_shapes, config: DISTConfig = DISTConfig(),
                  context=None) -> None:
         super().__init__(spot_names)
-        for spot, s, t in zip(spot_names, student_shapes, teacher_shapes):
-            if s != t or len(s) != 1:
-                raise ValueError(f"dist needs logit vectors of equal size at {spot!r}; student {s} vs teacher {t}")
+        require_equal_logits("dist", spot_names, student_shapes, teacher_shapes)
         self.config = config
 
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):

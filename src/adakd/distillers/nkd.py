@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean
+from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean, require_equal_logits
 from adakd.distillers.dkd import require_non_target_classes
 from adakd.distillers.registry import register_distiller
 
@@ -79,9 +79,7 @@ class NKD(Distiller):
     def __init__(self, spot_names, student_shapes, teacher_shapes, config: NKDConfig = NKDConfig(),
                  context=None) -> None:
         super().__init__(spot_names)
-        for spot, s, t in zip(spot_names, student_shapes, teacher_shapes):
-            if s != t or len(s) != 1:
-                raise ValueError(f"nkd needs logit vectors of equal size at {spot!r}; student {s} vs teacher {t}")
+        require_equal_logits("nkd", spot_names, student_shapes, teacher_shapes)
         require_non_target_classes("nkd", "non-target", student_shapes, context)
         self.config = config
 

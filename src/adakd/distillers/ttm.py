@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean
+from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean, require_equal_logits
 from adakd.distillers.registry import register_distiller
 
 
@@ -46,13 +46,6 @@ class TTMConfig:
     power: float = 0.1
 
 
-def _check_logits(name: str, spot_names, student_shapes, teacher_shapes) -> None:
-    """Refuse anything but logit vectors of equal size at every spot."""
-    for spot, s, t in zip(spot_names, student_shapes, teacher_shapes):
-        if s != t or len(s) != 1:
-            raise ValueError(f"{name} needs logit vectors of equal size at {spot!r}; student {s} vs teacher {t}")
-
-
 @register_distiller("ttm", tags=("classic",))
 class TTM(Distiller):
     """Transformed teacher matching at the logits spot: the student at T = 1 matches the teacher at T = 1/l;
@@ -73,7 +66,7 @@ class TTM(Distiller):
     def __init__(self, spot_names, student_shapes, teacher_shapes, config: TTMConfig = TTMConfig(),
                  context=None) -> None:
         super().__init__(spot_names)
-        _check_logits(self.name, spot_names, student_shapes, teacher_shapes)
+        require_equal_logits(self.name, spot_names, student_shapes, teacher_shapes)
         if not config.power > 0:  # also NaN
             raise ValueError(f"{self.name} needs distill.args.power > 0 (the teacher's temperature is 1/power; the "
                              f"authors use 0.1-0.2), got {config.power}")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean
+from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean, require_equal_logits
 from adakd.distillers.registry import register_distiller
 
 # Added to the teacher's cross-entropy before the division (the reference's guard, its PR #5 "gradient exploding").
@@ -81,9 +81,7 @@ class WSLD(Distiller):
     def __init__(self, spot_names, student_shapes, teacher_shapes, config: WSLDConfig = WSLDConfig(),
                  context=None) -> None:
         super().__init__(spot_names)
-        for spot, s, t in zip(spot_names, student_shapes, teacher_shapes):
-            if s != t or len(s) != 1:
-                raise ValueError(f"wsld needs logit vectors of equal size at {spot!r}; student {s} vs teacher {t}")
+        require_equal_logits("wsld", spot_names, student_shapes, teacher_shapes)
         self.temperature = config.temperature
 
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
