@@ -2,6 +2,7 @@
 
     python benchmarks/distillers.py [--steps 10] [--batch 64] [--methods kd,at,...] [--device cpu]
     python benchmarks/distillers.py --strategies standard,sakd,sakd-faithful --methods at,crd
+    python benchmarks/distillers.py --methods kd,kd+ls,kd+ctkd,kd+dot   # +COMPONENT adds one, +ls standardises
     python benchmarks/distillers.py --smoke    # seconds: that it runs (the tests run it)
 
 Without --strategies every method runs under the standard strategy and is reported as a ratio to plain KD; with
@@ -21,6 +22,7 @@ from adakd.engine.build import PARTS, Run, build_run
 from adakd.engine.config import OptimConfig, from_dict
 from adakd.engine.distributed import DistInfo
 from adakd.engine.optim import build_optimizers
+from adakd.rotations import rotate_copies
 from adakd.strategies import Precision, get
 
 CIFAR_IMAGES = 50_000  # CIFAR-100's training set: CRD's memory banks at their real size
@@ -45,15 +47,25 @@ def calibrated(model: torch.nn.Module, batch: int, passes: int = 8) -> torch.nn.
     return model.eval()
 
 
+def split_case(case: str) -> tuple[str, dict, dict]:
+    """'kd+ctkd+dot' as the distiller 'kd', the components {ctkd: true, dot: true} and its args; '+ls' is logit
+    standardisation (distill.args.standardize), a switch of the method rather than a component."""
+    method, *extras = case.split("+")
+    args = {"standardize": True} if "ls" in extras else {}
+    return method, {name: True for name in extras if name != "ls"}, args
+
+
 def cifar_run(method: str, strategy_name: str, device: torch.device, kl_weight: float = 0.0,
               options: dict | None = None, channels_last: bool = False, parts=PARTS) -> Run:
     """resnet56 -> resnet20 on CIFAR-100-sized data (no images read), built by training's own builder with no
-    start weights (the benchmarks give the teacher its own)."""
+    start weights (the benchmarks give the teacher its own); `method` may add components ('kd+ctkd')."""
+    method, components, method_args = split_case(method)
     # The config's batch stays the recipe's 64 whatever batch is timed: it only sizes ABL's search (to the paper's).
     config = from_dict({"task": "distill", "channels_last": channels_last, "model": {"name": "resnet20"},
                         "teacher": {"name": "resnet56"}, "data": {"name": "cifar100"},
-                        "distill": {"method": method, "kl_weight": kl_weight},
-                        "strategy": {"name": strategy_name, "args": dict(options or {})}})
+                        "distill": {"method": method, "kl_weight": kl_weight, "args": method_args},
+                        "strategy": {"name": strategy_name, "args": dict(options or {})},
+                        "components": components})
     return build_run(config, [p for p in parts if p not in ("train", "test")], start_weights=(),
                      dist=DistInfo(rank=0, world_size=1, local_rank=0, device=device), num_classes=100,
                      input_shape=(3, 32, 32), train_targets=torch.arange(CIFAR_IMAGES) % 100)
@@ -77,6 +89,10 @@ def build_step(method: str, args, device: torch.device, strategy_name: str = "st
     images = torch.randn(args.batch, 3, 32, 32, device=device)
     targets = torch.randint(0, 100, (args.batch,), device=device)
     indices = torch.randint(0, num_data, (args.batch,), device=device)
+    if run.distiller is not None and run.distiller.rotated_copies:
+        # SSKD's step sees the batch with its rotated copies, as the engine's loader gives it: 4x the images,
+        # still counted as `args.batch` images a step (the copies are part of the method's cost).
+        images, targets, indices = rotate_copies(images, targets, indices)
     counter = iter(range(10**9))
     shares: list[float] = []
 
@@ -148,9 +164,9 @@ def main() -> None:
     methods = list(dict.fromkeys(["kd", *args.methods.split(",")]))
     best = measure({(m, "standard"): None for m in methods}, args, device)
     kd = best[("kd", "standard")]
-    print(f"{'method':<10}{'ms/step':>10}{'images/s':>10}{'x KD':>8}   (standard strategy)")
+    print(f"{'method':<14}{'ms/step':>10}{'images/s':>10}{'x KD':>8}   (standard strategy)")
     for (method, _), seconds in best.items():
-        print(f"{method:<10}{1000 * seconds:>10.1f}{args.batch / seconds:>10.0f}{seconds / kd:>8.2f}")
+        print(f"{method:<14}{1000 * seconds:>10.1f}{args.batch / seconds:>10.0f}{seconds / kd:>8.2f}")
 
 
 def compare_strategies(args, device: torch.device) -> None:
@@ -159,11 +175,11 @@ def compare_strategies(args, device: torch.device) -> None:
     best = measure({(m, n): None for m in args.methods.split(",") for n in names}, args, device)
     # A relational loss (CRD, SP, ...) costs what its selected sub-batch costs, so the share distilled is printed:
     # with this random teacher the policy soon stops distilling, which makes those methods look cheap.
-    print(f"{'method':<10}{'strategy':<16}{'ms/step':>10}{'images/s':>10}{'x standard':>12}{'share':>8}")
+    print(f"{'method':<14}{'strategy':<16}{'ms/step':>10}{'images/s':>10}{'x standard':>12}{'share':>8}")
     for (method, name), seconds in best.items():
         base = best[(method, "standard")]
         share = measure.shares[(method, name)]
-        print(f"{method:<10}{name:<16}{1000 * seconds:>10.1f}{args.batch / seconds:>10.0f}{seconds / base:>12.2f}"
+        print(f"{method:<14}{name:<16}{1000 * seconds:>10.1f}{args.batch / seconds:>10.0f}{seconds / base:>12.2f}"
               f"{share:>8.2f}")
 
 

@@ -45,6 +45,10 @@ ALWAYS = _ops(
     "_unique.default", "_unique2.default", "unique_dim.default", "unique_consecutive.default",
     "unique_dim_consecutive.default",
     "repeat_interleave.Tensor",  # the output length is the repeats' sum (when output_size is not given)
+    # Decompositions that check convergence on the host inside their own kernel (`_linalg_check_errors` on `info`):
+    # svd and eigh have no `_ex` form; composite ops (linalg.solve, inv, cholesky) call the check as an op of its own.
+    "_linalg_svd.default", "_linalg_svd.U", "_linalg_eigh.default", "_linalg_eigh.eigenvalues",
+    "_linalg_check_errors.default",
 )
 
 # Indexing syncs only when an index is boolean (converted to positions with nonzero on the device).

@@ -8,7 +8,7 @@ from pathlib import Path
 import adakd
 
 PACKAGE = Path(adakd.__file__).parent
-GROUND = {"adakd", "registry", "ranks", "modes", "numerics", "download", "options"}
+GROUND = {"adakd", "registry", "ranks", "modes", "numerics", "download", "options", "rotations"}
 # Each room and the rooms it may import (the ground floor always).
 ALLOWED = {
     "data": set(),

@@ -1,5 +1,5 @@
-"""The `adakd` command: train, distill, abl, eval, export, sweep, sweeps, teachers, table, compare, models, demo,
-presets, plot, decisions."""
+"""The `adakd` command: train, distill, abl, eval, export, sweep, sweeps, teachers, table, compare, models, methods,
+demo, presets, plot, decisions."""
 from __future__ import annotations
 
 import argparse
@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="runs side by side (last, best) and their test accuracy in one PNG")
     cp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     cp.add_argument("--out", default=None, help="the PNG file (default compare.png)")
+    me = sub.add_parser("methods", help="list every distiller (with its default weights and spots), strategy and "
+                                        "adaptive component, each with what it does")
+    me.add_argument("pattern", nargs="?", default="*", help="a name pattern, e.g. 'd*' (default: all)")
     pr = sub.add_parser("presets", help="list the shipped presets, or show one")
     pr.add_argument("name", nargs="?", help="a preset to show as YAML (its base presets merged in)")
     de = sub.add_parser("decisions", help="training samples a trained SAKD policy does not distill at a spot")
@@ -352,6 +355,46 @@ def _sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def first_paragraph(docstring: str | None, limit: int = 110) -> str:
+    """A docstring's first paragraph on one line, cut to `limit` characters."""
+    paragraph = " ".join((docstring or "").strip().split("\n\n")[0].split())
+    return paragraph if len(paragraph) <= limit else paragraph[:limit - 1].rstrip() + "…"
+
+
+def spot_text(spot: int | str) -> str:
+    """A distiller's default spot in words: -1 logits, -2 pooled, -3 last stage, 0 stem, k stage k."""
+    if spot == "stages":
+        return "every stage"
+    return {-1: "logits", -2: "pooled", -3: "last stage", 0: "stem"}.get(spot, f"stage{spot}")
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from adakd import distillers, strategies
+    from adakd.strategies import components
+
+    rows = [("distillers (distill.method=NAME; CE / method weight and default spots, set by distill.ce_weight, "
+             "distill.method_weight, distill.spots)",
+             [(name, f"{distillers.get(name).defaults.ce_weight:g} / {distillers.get(name).defaults.method_weight:g}",
+               " + ".join(spot_text(s) for s in distillers.get(name).defaults.spots), distillers.get(name))
+              for name in distillers.available(args.pattern)]),
+            ("strategies (strategy=NAME)", [(name, "", "", strategies.get(name))
+                                             for name in strategies.available(args.pattern)]),
+            ("adaptive components (components.NAME=true, beside a strategy)",
+             [(name, "", "", components.COMPONENTS.get(name)) for name in components.available(args.pattern)])]
+    if not any(found for _, found in rows):
+        print(f"adakd: error: no distiller, strategy or component matches {args.pattern!r}; `adakd methods` lists "
+              "them all", file=sys.stderr)
+        return 2
+    for heading, found in rows:
+        if found:
+            print(f"{heading}:")
+        width = max((len(name) for name, *_ in found), default=0)
+        for name, weights, spots, cls in found:
+            columns = f"{weights:<12} {spots:<22} " if weights else ""
+            print(f"  {name:<{width}}  {columns}{first_paragraph(cls.__doc__)}")
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     import yaml
 
@@ -466,6 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _models(args)
         if args.command == "presets":
             return _presets(args)
+        if args.command == "methods":
+            return _methods(args)
         if args.command == "decisions":
             from adakd.experiments.decisions import export_decisions
 

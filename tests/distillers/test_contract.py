@@ -42,8 +42,15 @@ def features(name: str, distiller, spots, x, preact: bool, grad: bool):
     return [f.requires_grad_(grad) for f in feats]
 
 
-def build(name: str, student="resnet8", teacher="resnet8x4", size=16):
+# FSP compares flow matrices channel for channel, so it runs on a teacher of the student's widths.
+TEACHER = {"fsp": "resnet14"}
+# AB reads the teacher only through the signs of its pre-activations: no gradient can reach it.
+TEACHER_SIGNS_ONLY = {"ab"}
+
+
+def build(name: str, student="resnet8", teacher=None, size=16):
     torch.manual_seed(0)
+    teacher = teacher or TEACHER.get(name, "resnet8x4")
     distiller, s_spots, t_spots = D.create(name, staged(student), staged(teacher), (3, size, size),
                                            context=context(), **SMALL_ARGS.get(name, {}))
     return distiller, s_spots, t_spots
@@ -60,7 +67,7 @@ def prepared(name: str, student_grad: bool, teacher_grad: bool):
     distiller, s_spots, t_spots = build(name)
     x, y, idx = batch()
     s = features("resnet8", distiller, s_spots, x, distiller.student_preact, student_grad)
-    t = features("resnet8x4", distiller, t_spots, x, distiller.teacher_preact, teacher_grad)
+    t = features(TEACHER.get(name, "resnet8x4"), distiller, t_spots, x, distiller.teacher_preact, teacher_grad)
     return distiller, s, t, y, idx
 
 
@@ -135,6 +142,9 @@ def test_undetached_teacher_gets_gradients_and_the_same_terms(name):
     assert all(torch.equal(detached[k], undetached[k]) for k in detached)
     assert all(torch.equal(a, b) for a, b in zip(s_grads, s_grads_off))
     assert all(g is None for g in t_grads)
+    if name in TEACHER_SIGNS_ONLY:
+        assert all(g is None for g in t_grads_off)
+        return
     assert all(g is not None and torch.isfinite(g).all() for g in t_grads_off)
     assert sum(g.abs().sum() for g in t_grads_off) > 0
 
@@ -160,13 +170,13 @@ def test_degenerate_selections_are_finite(name, selected):
 def test_state_dict_round_trip(name):
     first, s_spots, t_spots = build(name)
     torch.manual_seed(123)
-    second, _, _ = D.create(name, staged("resnet8"), staged("resnet8x4"), (3, 16, 16), context=context(),
-                            **SMALL_ARGS.get(name, {}))
+    second, _, _ = D.create(name, staged("resnet8"), staged(TEACHER.get(name, "resnet8x4")), (3, 16, 16),
+                            context=context(), **SMALL_ARGS.get(name, {}))
     second.load_state_dict(first.state_dict())
     first.eval(), second.eval()
     x, y, idx = batch()
     s = features("resnet8", first, s_spots, x, first.student_preact, False)
-    t = features("resnet8x4", first, t_spots, x, first.teacher_preact, False)
+    t = features(TEACHER.get(name, "resnet8x4"), first, t_spots, x, first.teacher_preact, False)
     torch.manual_seed(5)
     a = run(first, s, t, y, idx)
     torch.manual_seed(5)
@@ -189,6 +199,11 @@ def test_every_pair_of_both_papers_builds_and_runs(teacher, student):
     x = torch.randn(2, 3, 32, 32)
     s_out, t_out = s_net(x, preact=True), t_net(x, preact=True)
     for name in ALL:
+        if name == "fsp" and (s_net.num_stages != t_net.num_stages or [f[0] for f in s_net.feature_shapes()[:-2]]
+                              != [f[0] for f in t_net.feature_shapes()[:-2]]):
+            with pytest.raises(ValueError, match="as many body stages|equal channels"):  # 'N/A' in the CRD tables
+                D.create(name, s_net, t_net, (3, 32, 32), context=context(100))
+            continue
         distiller, s_spots, t_spots = D.create(name, s_net, t_net, (3, 32, 32), context=context(100),
                                                **SMALL_ARGS.get(name, {}))
         s_src = s_out.preacts if distiller.student_preact else s_out.features
@@ -214,6 +229,7 @@ def digits_teacher(tmp_path_factory):
 NON_STATIONARY = {"crd"}
 # Warm-ups shortened so that the logged loss is comparable across the three epochs.
 RUN_ARGS = {"crd": ["distill.args.num_negatives=64"], "ft": ["distill.args.pretrain_epochs=1"],
+            "ab": ["distill.args.pretrain_epochs=1"], "fsp": ["distill.args.pretrain_epochs=1"],
             "dkd": ["distill.args.warmup_epochs=1"], "reviewkd": ["distill.args.warmup_epochs=1"]}
 
 
@@ -229,7 +245,7 @@ def test_short_distillation_run_learns(name, digits_teacher, tmp_path):
     method_columns = [c for c in rows[0] if c.startswith(f"train/{name}/")]
     assert method_columns, rows[0].keys()
     assert all(math.isfinite(float(rows[-1][c])) for c in method_columns)
-    if name == "ft":  # the engine ran the distiller's own pre-training stage
+    if name in ("ft", "ab", "fsp"):  # the engine ran the distiller's own pre-training stage
         pretrain = list(csv.DictReader(open(tmp_path / "s" / "pretrain.csv")))
         assert len(pretrain) == 1 and math.isfinite(float(pretrain[0]["loss"]))
     if name in NON_STATIONARY:

@@ -424,3 +424,14 @@ def test_learns_on_the_synthetic_set(tmp_path, synthetic_teacher, method, strate
     else:
         losses = [float(r["train/loss"]) for r in rows]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("pair", sorted(LS_CIFAR100_PAIRS))
+def test_each_pair_s_ls_preset_gives_ls_s_values_for_kd_and_dkd(pair):
+    # `--preset pair-X --preset ls-X method=kd|dkd` is KD+LS / DKD+LS with that pair's logged values; the pair preset's
+    # own DKD beta (mdistiller's) is replaced by LS's.
+    for method, expected in LS_CIFAR100_PAIRS[pair].items():
+        distill = resolve(["cifar100", f"pair-{pair}", f"ls-{pair}"], overrides=[f"method={method}"]).distill
+        chosen = distill.for_method()
+        assert (chosen.ce_weight, chosen.method_weight) == (expected["ce_weight"], expected["method_weight"])
+        assert chosen.args == expected["args"], (pair, method)

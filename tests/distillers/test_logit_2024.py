@@ -3,7 +3,6 @@ by hand, hand-worked small cases, per-sample masks, the 2-class refusal of NKD a
 synthetic set under standard, SAKD and ABL."""
 from __future__ import annotations
 
-import csv
 import math
 
 import numpy as np
@@ -11,12 +10,11 @@ import pytest
 import torch
 
 import adakd.distillers as D
-from adakd.cli import main
 from adakd.distillers.dkd import DKD
 from adakd.distillers.nkd import NKD, NKDConfig, nkd_loss
 from adakd.distillers.ttm import TTM, WTTM, TTMConfig, WTTMConfig, ttm_loss, ttm_parts, wttm_loss
 from adakd.distillers.wsld import WSLD, WSLDConfig, wsld_loss, wsld_weight
-from distiller_checks import (LEARNING_STRATEGIES, SYNTHETIC, assert_gradients_follow_mask,
+from distiller_checks import (LEARNING_STRATEGIES, learning_run, assert_learned, assert_gradients_follow_mask,
                               check_float32_under_autocast, fixed_logits, one_spot)
 from markers import slow_except
 
@@ -347,16 +345,5 @@ INNER_LOOP = ["wsld-standard", "ttm-sakd", "wttm-abl", "nkd-standard"]
 
 @pytest.mark.parametrize("method, strategy", slow_except(CASES, INNER_LOOP))
 def test_learns_on_the_synthetic_set(tmp_path, synthetic_teacher, method, strategy):
-    argv = ["distill", *SYNTHETIC, "epochs=3", "model.name=resnet8", "teacher.name=resnet14",
-            f"teacher.weights={synthetic_teacher}", f"method={method}", f"out_dir={tmp_path}", "name=run",
-            *LEARNING_STRATEGIES[strategy]]
-    assert main(argv) == 0
-    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
-    method_columns = [c for c in rows[0] if c.startswith(f"train/{method}/")]
-    assert method_columns, rows[0].keys()
-    assert all(math.isfinite(float(r[c])) for r in rows for c in method_columns)
-    # Under SAKD the objective holds the terms its policy switches on as it learns; there the student's CE is the
-    # measure, as in tests/engine/test_external_models.py.
-    column = "train/ce" if strategy == "sakd" else "train/loss"
-    losses = [float(r[column]) for r in rows]
-    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    rows = learning_run(tmp_path, synthetic_teacher, method, strategy)
+    assert_learned(rows, strategy)

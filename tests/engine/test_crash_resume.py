@@ -131,6 +131,8 @@ STRATEGIES = {
     "standard": ["train"],
     "kd": ["distill", *DISTILL, "method=kd"],
     "crd": ["distill", *DISTILL, "method=crd", "distill.args.num_negatives=32"],
+    # SSKD: its teacher head's stage (in the checkpoint from epoch 1) and the rotated copies of every batch.
+    "sskd": ["distill", *DISTILL, "method=sskd", "distill.args.pretrain_epochs=2"],
     "sakd": ["distill", *DISTILL, "method=kd", "strategy=sakd"],
     # 2 warm + 7 meta steps at 3 steps per epoch: the run length (3 epochs) comes from the step budget.
     "abl-search": ["distill", *DISTILL, "method=kd", "strategy=abl-search", "strategy.args.warm_steps=2",

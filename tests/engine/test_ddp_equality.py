@@ -54,17 +54,25 @@ def max_abs_diff(a: dict, b: dict) -> tuple[float, str]:
 
 
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
-@pytest.mark.parametrize("task", ["train", "distill", "abl", "abl-search", "sakd"])
+@pytest.mark.parametrize("task", ["train", "distill", "abl", "abl-search", "sakd", "ctkd", "ab", "fsp"])
 def test_two_gloo_ranks_give_the_weights_of_one_process(tmp_path, task):
     # ABL averages its hand-made gradients (and, in the search, the validation gradient) across ranks itself.
     strategy = {"abl": ["strategy=abl-fixed"],
                 "abl-search": ["strategy=abl-search", "strategy.args.warm_steps=1", "strategy.args.meta_steps=3"],
                 # SAKD's Gumbel noise is drawn for the global batch on every rank, each keeping its own rows.
                 "sakd": ["strategy=sakd"],
+                # CTKD's theta lives outside DDP: its gradient is averaged across ranks by the component itself.
+                "ctkd": ["components.ctkd=true"],
+                # AB's and FSP's stage trains the student's body outside DDP (its gradients averaged by the stage);
+                # Each stage runs one epoch here. (SSKD has no row: its similarity rows compare a rank's copies with
+                # that rank's upright images, a relational batch of B / ranks, so 2 ranks differ from 1 by design.)
+                "ab": ["method=ab", "distill.method_weight=1", "distill.args.pretrain_epochs=1"],
+                "fsp": ["method=fsp", "distill.method_weight=1", "distill.args.pretrain_epochs=1"],
                 }.get(task, [])
-    port = {"train": 29541, "distill": 29542, "abl": 29543, "abl-search": 29544, "sakd": 29545}[task]
+    port = {"train": 29541, "distill": 29542, "abl": 29543, "abl-search": 29544, "sakd": 29545, "ctkd": 29548,
+            "ab": 29549, "fsp": 29550}[task]
     task = "distill" if task != "train" else task
-    args = [task, *COMMON, f"out_dir={tmp_path}", *strategy]
+    args = [task, *COMMON, f"out_dir={tmp_path}"]
     if task == "distill":
         teacher = tmp_path / "resnet14_teacher.pth"
         save_random_teacher(teacher, "resnet14", epoch=240)
@@ -73,12 +81,19 @@ def test_two_gloo_ranks_give_the_weights_of_one_process(tmp_path, task):
         # (measured); 4 steps at lr 0.01 stay at float32 noise.
         args += ["teacher.name=resnet14", f"teacher.weights={teacher}", "method=kd", "distill.kl_weight=0.5",
                  "optim.lr=0.01", "optim.epochs=1"]
+    args += strategy  # after the defaults above: a case's method= wins
     one, two = one_and_two_processes(args, port, tmp_path)
     # train: 2 epochs of 4 global batches; distill: 1 epoch; the ABL search: its 1 + 3 steps.
     assert one["step"] == two["step"] == (8 if task == "train" else 4)
     diff, where = max_abs_diff(one["model"], two["model"])
     print(f"{task}: max |1 process - 2 processes| = {diff:.3g} at {where}")
     assert diff <= 1e-5, (diff, where)
+    if one["strategy"].get("distiller"):  # the distiller's parts (AB's connectors, none between equal widths)
+        diff, where = max_abs_diff(one["strategy"]["distiller"], two["strategy"]["distiller"])
+        assert diff <= 1e-5, (diff, where)
+    if "components.ctkd=true" in strategy:
+        thetas = [state["strategy"]["ctkd"]["theta"] for state in (one, two)]
+        assert (thetas[0] - thetas[1]).abs().max() <= 1e-6 and thetas[0] != 1.0  # it learned, alike on both
     if "strategy=abl-search" in strategy:
         gammas = [state["strategy"]["gamma"] for state in (one, two)]
         assert (gammas[0] - gammas[1]).abs().max() <= 1e-6 and gammas[0].abs().max() > 0

@@ -36,6 +36,19 @@ def test_does_not_count_static_shape_work():
     assert syncs.count == 0, syncs.report()
 
 
+def test_decompositions_that_check_convergence_on_the_host_count():
+    # svd and eigh check `info` inside their kernels; linalg.solve calls the check as an op; the _ex forms never do.
+    a = torch.randn(4, 4) + 4 * torch.eye(4)
+    for syncing in (lambda: torch.linalg.svd(a), lambda: torch.linalg.eigh(a @ a.T), lambda: torch.linalg.solve(a, a)):
+        with SyncCounter() as syncs:
+            syncing()
+        assert syncs.count == 1, syncs.report()
+    with SyncCounter() as syncs:
+        torch.linalg.solve_ex(a, a)
+        torch.linalg.inv_ex(a)
+    assert syncs.count == 0, syncs.report()
+
+
 def test_host_resident_tensors_are_not_counted():
     step = torch.tensor(3.0)
     with SyncCounter(host_resident=lambda t: t is step) as syncs:

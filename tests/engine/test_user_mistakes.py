@@ -23,6 +23,7 @@ from tiny_run import save_random_teacher
     (["method=crd"], "method=crd"),
     (["strategy=sakd"], "strategy=sakd"),
     (["--preset", "sakd"], "strategy=sakd, distill.kl_weight=1.0"),
+    (["components.dot=true"], "components={'dot': True}"),  # an adaptive component changes a distillation step
 ])
 def test_train_refuses_distillation_settings_it_would_ignore(tmp_path, capsys, extra, named):
     line = fails(capsys, run_argv(tmp_path, *extra), named, "adakd distill")

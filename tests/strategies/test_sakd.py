@@ -134,11 +134,11 @@ PAIRS = {"resnet8": "resnet14", "vgg8": "vgg11"}
 
 
 def expected_k(method, body):
-    if method in ("at", "nst", "vid"):
+    if distillers.get(method).defaults.spots == ("stages",):  # every body stage: at, nst, vid, ab, kdsvd, ofd
         return body + 1
     if distillers.get(method).defaults.spots == (-1,):  # a logits-only method: kd, dkd and issue 21's logit methods
         return 1
-    if method == "reviewkd":
+    if method in ("reviewkd", "fsp"):  # fsp: the stem and every body stage
         return body + 2
     return 2
 

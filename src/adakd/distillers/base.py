@@ -1,8 +1,9 @@
 """What every distiller shares: per-spot inputs, optional per-sample masks, named per-spot terms."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,10 +31,12 @@ class DistillerDefaults:
 
 @dataclass(frozen=True)
 class DistillContext:
-    """Facts about the training data a distiller may need (CRD: dataset size and every label)."""
+    """Facts about the training data a distiller may need (CRD: dataset size and every label; MLKD: the views)."""
 
     num_classes: int
     train_targets: Tensor  # int64 label of every training sample, indexed by dataset index
+    # Views per training image (data.views): 2 means each batch is [weak; strong], 2B images, targets repeated.
+    views: int = 1
 
 
 def resolve_spots(spots: Sequence[int | str], num_stages: int) -> list[int]:
@@ -56,6 +59,14 @@ def require_equal_logits(method: str, spot_names: Sequence[str], student_shapes,
             raise ValueError(f"{method} needs logit vectors of equal size at {spot!r}; student {s} vs teacher {t}")
 
 
+def per_class(temperature: Tensor | float) -> Tensor | float:
+    """A temperature ready to divide [B, C] logits: one per sample ([B], a learned per-instance temperature) as
+    [B, 1]; a float or a scalar tensor as it is (so the float path stays bit-identical)."""
+    if isinstance(temperature, Tensor) and temperature.dim() == 1:
+        return temperature.unsqueeze(1)
+    return temperature
+
+
 def masked_mean(per_sample: Tensor, mask: Tensor | None) -> Tensor:
     """Mean over the whole batch with masked-out samples contributing exactly zero."""
     if mask is None:
@@ -76,14 +87,36 @@ class Distiller(nn.Module):
     config_class: type = object  # the method's frozen hyper-parameter dataclass
     student_preact = False  # True: the strategy hands over pre-activation student features
     teacher_preact = False
+    # True: the loss is defined only on true pre-activations (AB, OFD), so a network staged automatically from its
+    # traced forward (no pre-activation outputs) is refused; False: its stage outputs stand in (ReviewKD).
+    preacts_required = False
     # Teacher features are constants to every loss. A strategy that trains the teacher jointly (SAKD's
     # trainable-teacher ablation, specs/sakd.md §11) sets this to False on its distiller instance; every distiller
     # reads teacher tensors through `teacher_input` (KD passes the flag to kd_loss), so its terms then reach it too.
     detach_teacher: bool = True
+    # True when the method softens logits with a temperature of its own that a step may replace by a learned one
+    # (CTKD's learned temperature): its forward reads `temperature_at(configured)`, set by `using_temperature`.
+    learned_temperature: ClassVar[bool] = False
+    _step_temperature: Tensor | float | None = None
 
     def __init__(self, spot_names: Sequence[str]) -> None:
         super().__init__()
         self.spot_names = list(spot_names)
+
+    def temperature_at(self, configured: float) -> Tensor | float:
+        """The temperature of this forward: the one a step set with `using_temperature`, else `configured`."""
+        return configured if self._step_temperature is None else self._step_temperature
+
+    @contextlib.contextmanager
+    def using_temperature(self, temperature: Tensor | float) -> Iterator[None]:
+        """Forwards inside use `temperature` (a float, a scalar tensor or one per sample, [B]) for the method's own."""
+        if not self.learned_temperature:
+            raise ValueError(f"{self.name} has no temperature a learned one could replace")
+        self._step_temperature = temperature
+        try:
+            yield
+        finally:
+            self._step_temperature = None
 
     def teacher_input(self, teacher_feat: Tensor) -> Tensor:
         """A teacher feature as the loss sees it: detached, unless `detach_teacher` is False."""
@@ -97,15 +130,29 @@ class Distiller(nn.Module):
     # Optional pre-training stage (FT's paraphraser): the engine runs `pretrain_epochs` epochs of SGD on
     # `pretrain_loss(teacher_feats)` over `pretrain_parameters()` before distillation, then never updates them.
     pretrain_epochs: int = 0
-    pretrain_lr: float = 0.01
+    pretrain_lr: float | None = 0.01  # None: the run's own learning rate (the CRD benchmark's init stage)
+    # True: the stage also runs the student and trains its parameters with `pretrain_parameters()` on
+    # `pretrain_loss(teacher_feats, student_feats)` (AB's and FSP's initialisation); the student keeps learning after.
+    pretrain_trains_student: ClassVar[bool] = False
+    # Epochs after which the stage's learning rate drops by 10x (SSKD's teacher head: 30 and 45); none for most.
+    pretrain_milestones: tuple[int, ...] = ()
+    # True: every training batch comes with its rotated copies, [x; x90; x180; x270] (adakd.rotations, SSKD); the
+    # engine's loaders add them, both for the pre-training stage and for distillation.
+    rotated_copies: ClassVar[bool] = False
 
     def pretrain_parameters(self) -> list[nn.Parameter]:
         """Parameters of the pre-training stage (empty for most methods)."""
         return []
 
-    def pretrain_loss(self, teacher_feats: list[Tensor]) -> Tensor:
-        """The pre-training objective on teacher features at this distiller's spots."""
+    def pretrain_loss(self, teacher_feats: list[Tensor], student_feats: list[Tensor] | None = None) -> Tensor:
+        """The pre-training objective on teacher features at this distiller's spots (and the student's, for a
+        distiller with `pretrain_trains_student`)."""
         raise NotImplementedError(f"{self.name} has no pre-training stage")
+
+    def read_networks(self, student: nn.Module, teacher: nn.Module, student_spots: list[int],
+                      teacher_spots: list[int]) -> None:
+        """Read fixed facts of the two staged networks once, when `create` builds the distiller (OFD: the teacher's
+        BatchNorm margins); most methods need none."""
 
     def term_names(self) -> list[str]:
         """The metric names this distiller returns, one per spot."""

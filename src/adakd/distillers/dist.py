@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean, relational_term, require_equal_logits
+from adakd.distillers.base import (Distiller, DistillerDefaults, masked_mean, per_class, relational_term,
+                                   require_equal_logits)
 from adakd.distillers.registry import register_distiller
 
 # Added to the product of the two norms in the Pearson correlation (the reference's `cosine_similarity` eps).
@@ -38,30 +39,36 @@ def pearson(a: Tensor, b: Tensor, dim: int, weights: Tensor | None = None) -> Te
     return (a_centred * b_centred).sum(dim) / (norms + _PEARSON_EPS)
 
 
-def _probabilities(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def _probabilities(student_logits: Tensor, teacher_logits: Tensor,
+                   temperature: Tensor | float) -> tuple[Tensor, Tensor]:
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32 under AMP, float64 kept
-    return (F.softmax(student_logits.to(dtype) / temperature, dim=1),
-            F.softmax(teacher_logits.to(dtype) / temperature, dim=1))
+    return (F.softmax(student_logits.to(dtype) / per_class(temperature), dim=1),
+            F.softmax(teacher_logits.to(dtype) / per_class(temperature), dim=1))
 
 
-def dist_inter(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def dist_inter(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor | float) -> Tensor:
     """Per-sample inter-class term T^2 (1 - pearson over classes of softmax(z_s / T)_i and softmax(z_t / T)_i)."""
     with torch.autocast(student_logits.device.type, enabled=False):
         p_student, p_teacher = _probabilities(student_logits, teacher_logits, temperature)
         return temperature**2 * (1.0 - pearson(p_student, p_teacher, dim=1))
 
 
-def dist_intra(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+def dist_intra(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor | float,
                weights: Tensor | None = None) -> Tensor:
     """Batch-level intra-class term T^2 (1 - mean_c pearson over the batch of column c of the two softmaxes at T).
 
     `weights` (0/1 per sample) gives the term of the selected sub-batch (each column's correlation over the selected
     rows only) on the whole batch, as `relational_term` expects. A batch of one has zero centred columns: the
-    correlation is 0 and the term the constant T^2, as in the reference.
+    correlation is 0 and the term the constant T^2, as in the reference. With one temperature per sample ([B],
+    CTKD's instance mode) each row is softened at its own T and the batch-level term is scaled by the batch mean of
+    T^2 (adakd's choice: the term does not decompose per sample).
     """
     with torch.autocast(student_logits.device.type, enabled=False):
         p_student, p_teacher = _probabilities(student_logits, teacher_logits, temperature)
-        return temperature**2 * (1.0 - pearson(p_student, p_teacher, dim=0, weights=weights).mean())
+        scale = temperature**2
+        if isinstance(scale, Tensor) and scale.dim() == 1:
+            scale = scale.mean()
+        return scale * (1.0 - pearson(p_student, p_teacher, dim=0, weights=weights).mean())
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class DIST(Distiller):
     """
 
     name = "dist"
+    learned_temperature = True
     defaults = DistillerDefaults(ce_weight=1.0, method_weight=2.0, spots=(-1,))
     config_class = DISTConfig
 
@@ -110,10 +118,11 @@ class DIST(Distiller):
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
         c = self.config
-        intra = partial(dist_intra, temperature=c.temperature)
+        temperature = self.temperature_at(c.temperature)
+        intra = partial(dist_intra, temperature=temperature)
         terms = {}
         for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks):
             t = self.teacher_input(t)
-            terms[f"dist/{spot}"] = (c.beta * masked_mean(dist_inter(s, t, c.temperature), m)
+            terms[f"dist/{spot}"] = (c.beta * masked_mean(dist_inter(s, t, temperature), m)
                                      + c.gamma * relational_term(intra, s, t, m))
         return terms

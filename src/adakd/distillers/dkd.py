@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adakd.distillers.base import DistillContext, Distiller, DistillerDefaults, masked_mean, require_equal_logits
+from adakd.distillers.base import (DistillContext, Distiller, DistillerDefaults, masked_mean, per_class,
+                                   require_equal_logits)
 from adakd.distillers.kd import standardize_logits
 from adakd.distillers.registry import register_distiller
 
@@ -44,15 +45,16 @@ def _binary_log_probs(scaled_logits: Tensor, targets: Tensor, target_mask: Tenso
 
 
 def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
-              temperature: float) -> tuple[Tensor, Tensor]:
+              temperature: Tensor | float) -> tuple[Tensor, Tensor]:
     """Per-sample (TCKD, NCKD), each T^2 * KL(teacher || student) summed over its classes.
 
     TCKD compares the binary [target, non-target] distributions of softmax(z / T); NCKD the distributions over
-    the non-target classes only. KD = TCKD + (1 - p_target^teacher) * NCKD.
+    the non-target classes only. KD = TCKD + (1 - p_target^teacher) * NCKD. `temperature` may be a tensor: a scalar
+    or one per sample ([B]).
     """
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32 under AMP, float64 kept
-    student = student_logits.to(dtype) / temperature
-    teacher = teacher_logits.to(dtype) / temperature
+    student = student_logits.to(dtype) / per_class(temperature)
+    teacher = teacher_logits.to(dtype) / per_class(temperature)
     # The one-hot rows by scatter, as one_hot builds them, without one_hot's host-side label range checks (a
     # .item() per call wherever they run; out-of-range labels still fail in scatter).
     target_mask = torch.zeros_like(student).scatter_(1, targets[:, None], 1.0)
@@ -66,7 +68,7 @@ def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
 
 
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float, beta: float,
-             temperature: float, warmup: float = 1.0, standardize: bool = False) -> Tensor:
+             temperature: Tensor | float, warmup: float = 1.0, standardize: bool = False) -> Tensor:
     """Per-sample warmup * (alpha * TCKD + beta * NCKD); `warmup` = min(epoch / warm-up epochs, 1).
 
     `standardize`: both logit sets are z-scored first (`standardize_logits`, LS; as
@@ -103,6 +105,7 @@ class DKD(Distiller):
     """
 
     name = "dkd"
+    learned_temperature = True
     defaults = DistillerDefaults(ce_weight=1.0, method_weight=1.0, spots=(-1,))
     config_class = DKDConfig
 
@@ -117,8 +120,9 @@ class DKD(Distiller):
         masks = masks or [None] * len(student_feats)
         c = self.config
         warmup = min(epoch / c.warmup_epochs, 1.0) if c.warmup_epochs > 0 else 1.0
+        temperature = self.temperature_at(c.temperature)
         return {
             f"dkd/{spot}": masked_mean(
-                dkd_loss(s, self.teacher_input(t), targets, c.alpha, c.beta, c.temperature, warmup, c.standardize), m)
+                dkd_loss(s, self.teacher_input(t), targets, c.alpha, c.beta, temperature, warmup, c.standardize), m)
             for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks)
         }

@@ -29,9 +29,16 @@ def create(
     """
     cls = get(name)
     spots = tuple(spots or cls.defaults.spots)
+    require_preacts(name, cls, student, teacher)
     student_shapes = student.feature_shapes(input_shape)
     teacher_shapes = teacher.feature_shapes(input_shape)
     if BODY_STAGES in spots and student.num_stages != teacher.num_stages:
+        if getattr(cls, "needs_equal_stage_counts", False):
+            raise ValueError(f"{name} relates consecutive stages within each network, so both need as many body "
+                             f"stages; the student has {student.num_stages - 3} and the teacher "
+                             f"{teacher.num_stages - 3} (the CRD benchmark runs {name} only between networks of one "
+                             "architecture); choose such a pair, or give both networks' stage indices in "
+                             "distill.spots")
         pairs = pair_stages_by_size(student_shapes, teacher_shapes)
         if not pairs:
             raise ValueError(f"{name} distills every body stage; the student has {student.num_stages - 3} and the "
@@ -65,7 +72,22 @@ def create(
         hparams,
         context,
     )
+    distiller.read_networks(student, teacher, student_spots, teacher_spots)
     return distiller, student_spots, teacher_spots
+
+
+def require_preacts(name: str, cls: type, student: StagedModel, teacher: StagedModel) -> None:
+    """Refuse a network cut automatically (timm, torchvision, your own) where the method is defined only on
+    pre-activations (`Distiller.preacts_required`: AB's signs, OFD's margins); others reading them (ReviewKD) take the
+    stage outputs such a network gives, as before."""
+    if not cls.preacts_required:
+        return
+    for role, net, wanted in (("student", student, cls.student_preact), ("teacher", teacher, cls.teacher_preact)):
+        if wanted and getattr(net, "auto_cut", False):
+            raise ValueError(f"{name} reads the {role}'s pre-activation features (before each stage's last ReLU), "
+                             f"but the {role} {type(net.model).__name__} is staged automatically from its traced "
+                             "forward, which gives none; use an adakd zoo model there (adakd models) or another "
+                             "method")
 
 
 def body_sizes(shapes: Sequence[tuple[int, ...]]) -> dict[int, tuple[int, int]]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean
+from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean, per_class
 from adakd.distillers.registry import register_distiller
 
 # Added to the standard deviation (outside the square root) in logit standardisation, as the LS reference does.
@@ -35,7 +35,7 @@ def require_classes_to_standardize(method: str, logit_sizes) -> None:
                          f"deviation of a single logit is undefined; set distill.args.standardize=false")
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor | float,
             detach_teacher: bool = True, standardize: bool = False) -> Tensor:
     """Per-sample T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), summed over classes.
 
@@ -43,14 +43,16 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
     caller, times T^2 so gradients keep their scale as T changes). Computed in float32 under AMP. The teacher's
     distribution is a constant unless `detach_teacher` is False (a teacher trained jointly with the student).
     `standardize`: both logit sets are z-scored first (`standardize_logits`, LS) and T is LS's base temperature;
-    T^2 is kept, as LS's `kd_loss` keeps it.
+    T^2 is kept, as LS's `kd_loss` keeps it. `temperature` may be a tensor in the graph (CTKD's learned one): a
+    scalar, or one per sample ([B], each sample's KL at its own T times its own T^2).
     """
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32 under AMP, float64 kept
     teacher_logits = teacher_logits.detach() if detach_teacher else teacher_logits
     if standardize:
         student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
-    log_p_student = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=1)
+    divisor = per_class(temperature)
+    log_p_student = F.log_softmax(student_logits.to(dtype) / divisor, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.to(dtype) / divisor, dim=1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
     return kl * temperature**2
 
@@ -72,6 +74,7 @@ class KD(Distiller):
     """
 
     name = "kd"
+    learned_temperature = True
     defaults = DistillerDefaults(ce_weight=0.1, method_weight=0.9, spots=(-1,))
     config_class = KDConfig
 
@@ -87,9 +90,10 @@ class KD(Distiller):
 
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
+        temperature = self.temperature_at(self.temperature)
         return {
             f"kd/{spot}": masked_mean(
-                kd_loss(s, t, self.temperature, detach_teacher=self.detach_teacher, standardize=self.standardize), m)
+                kd_loss(s, t, temperature, detach_teacher=self.detach_teacher, standardize=self.standardize), m)
             for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks)
         }
 
@@ -129,10 +133,11 @@ tools/train.py does with `--logit-stand`: KD gets T = BASE_TEMP and KD weight = 
 default 0.1); DKD gets T = BASE_TEMP, alpha = 1 * KD_WEIGHT and beta = DKD_BETA * KD_WEIGHT (DKD_BETA defaults to 8
 when the name has none), CE 1 and the 20-epoch warm-up. Pair names are adakd's pair presets (MobileNetV2 is the CRD
 benchmark's width-0.5 one). The LS defaults `--base-temp 2 --kd-weight 9` are the presets ls-kd and ls-dkd
-(resnet32x4 -> resnet8x4's values); ImageNet has no published per-pair values (LS issue #31: use 2 and 9).
+(resnet32x4 -> resnet8x4's values) and each pair's values the preset ls-<pair> (e.g. ls-vgg13-vgg8, given after
+pair-vgg13-vgg8); ImageNet has no published per-pair values (LS issue #31: use 2 and 9).
 
-Not yet adakd methods, for later: CTKD+LS uses KD weight 9 (CE 0.1) on every pair, its base temperature unused
-(learned); MLKD+LS uses T 2 and weight 9, except weight 6 on vgg13 -> vgg8, resnet32x4 -> ShuffleV2 and vgg13 ->
-MobileNetV2 (no log linked for resnet56 -> resnet20 and wrn_40_2 -> MobileNetV2), with MLKD's 480/960-epoch,
-two-view recipe.
+CTKD+LS and MLKD+LS, whose values are not per-pair KD/DKD settings, are rows of the grid `ls-table`: CTKD+LS uses
+KD weight 9 (CE 0.1) on every pair with the learned temperature (`components.ctkd`); MLKD+LS uses T 2 and weight 9,
+except weight 6 on vgg13 -> vgg8, resnet32x4 -> ShuffleV2 and vgg13 -> MobileNetV2, with MLKD's 480/960-epoch,
+two-view recipe (preset mlkd-recipe).
 """

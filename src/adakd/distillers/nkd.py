@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean, require_equal_logits
+from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean, per_class, require_equal_logits
 from adakd.distillers.dkd import require_non_target_classes
 from adakd.distillers.registry import register_distiller
 
@@ -19,7 +19,7 @@ def non_target_index(targets: Tensor, num_classes: int) -> Tensor:
     return columns + (columns[None, :] >= targets[:, None]).long()
 
 
-def nkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,
+def nkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: Tensor | float,
              gamma: float) -> Tensor:
     """Per-sample -p_t,y log p_s,y - gamma T^2 sum_{c != y} q_t,c log q_s,c.
 
@@ -36,8 +36,8 @@ def nkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, te
     target_p_teacher = F.softmax(teacher.detach(), dim=1).gather(1, index).squeeze(1)
     target_term = -target_p_teacher * target_log_p_student
     rest = non_target_index(targets, student.shape[1])
-    log_q_student = F.log_softmax(student.gather(1, rest) / temperature, dim=1)
-    q_teacher = F.softmax(teacher.gather(1, rest) / temperature, dim=1)
+    log_q_student = F.log_softmax(student.gather(1, rest) / per_class(temperature), dim=1)
+    q_teacher = F.softmax(teacher.gather(1, rest) / per_class(temperature), dim=1)
     non_target_term = -(q_teacher * log_q_student).sum(dim=1)
     return target_term + gamma * temperature**2 * non_target_term
 
@@ -73,6 +73,7 @@ class NKD(Distiller):
     """
 
     name = "nkd"
+    learned_temperature = True
     defaults = DistillerDefaults(ce_weight=1.0, method_weight=1.0, spots=(-1,))
     config_class = NKDConfig
 
@@ -86,7 +87,8 @@ class NKD(Distiller):
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
         c = self.config
+        temperature = self.temperature_at(c.temperature)
         return {
-            f"nkd/{spot}": masked_mean(nkd_loss(s, self.teacher_input(t), targets, c.temperature, c.gamma), m)
+            f"nkd/{spot}": masked_mean(nkd_loss(s, self.teacher_input(t), targets, temperature, c.gamma), m)
             for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks)
         }

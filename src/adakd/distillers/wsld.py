@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean, require_equal_logits
+from adakd.distillers.base import Distiller, DistillerDefaults, masked_mean, per_class, require_equal_logits
 from adakd.distillers.registry import register_distiller
 
 # Added to the teacher's cross-entropy before the division (the reference's guard, its PR #5 "gradient exploding").
@@ -30,7 +30,8 @@ def wsld_weight(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor)
         return 1.0 - torch.exp(-(ce_student / (ce_teacher + _RATIO_EPS)).clamp_min(0.0))
 
 
-def wsld_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+def wsld_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
+              temperature: Tensor | float) -> Tensor:
     """Per-sample T^2 * w_i * CE(softmax(z_t / T), softmax(z_s / T)), w_i = `wsld_weight` (the method weight is alpha).
 
     The soft term is the reference's cross-entropy -sum_c p_t log p_s, not the KL: it is larger by the teacher's
@@ -38,8 +39,8 @@ def wsld_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, t
     `Distiller.teacher_input` does); the weight never carries a gradient.
     """
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32 under AMP, float64 kept
-    log_p_student = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
-    p_teacher = F.softmax(teacher_logits.to(dtype) / temperature, dim=1)
+    log_p_student = F.log_softmax(student_logits.to(dtype) / per_class(temperature), dim=1)
+    p_teacher = F.softmax(teacher_logits.to(dtype) / per_class(temperature), dim=1)
     soft = -(p_teacher * log_p_student).sum(dim=1)
     return temperature**2 * wsld_weight(student_logits, teacher_logits, targets) * soft
 
@@ -75,6 +76,7 @@ class WSLD(Distiller):
     """
 
     name = "wsld"
+    learned_temperature = True
     defaults = DistillerDefaults(ce_weight=1.0, method_weight=2.25, spots=(-1,))
     config_class = WSLDConfig
 
@@ -86,7 +88,8 @@ class WSLD(Distiller):
 
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
+        temperature = self.temperature_at(self.temperature)
         return {
-            f"wsld/{spot}": masked_mean(wsld_loss(s, self.teacher_input(t), targets, self.temperature), m)
+            f"wsld/{spot}": masked_mean(wsld_loss(s, self.teacher_input(t), targets, temperature), m)
             for spot, s, t, m in zip(self.spot_names, student_feats, teacher_feats, masks)
         }

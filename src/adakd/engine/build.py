@@ -26,6 +26,8 @@ from adakd.engine.pretrain import freeze_pretrain_parts
 from adakd.models.external import ModelSourceError, split_source, with_config_key
 from adakd.models.layers import with_input_channels
 from adakd.options import OptionsError
+from adakd.registry import UnknownNameError
+from adakd.strategies.components import build_components
 from adakd.strategies.base import LossWeights, OptionError, RunFacts, Strategy
 
 # What build_run can build; a run that trains needs them all, `adakd eval` only the test split and the student.
@@ -89,6 +91,10 @@ def load_data(config: RunConfig, split: str):
         dataset = datasets.ArrayDataset(
             dataset.images[:size], dataset.targets[:size], classes=dataset.classes, mean=dataset.mean,
             std=dataset.std, augment=dataset.augment, crop_padding=dataset.crop_padding)
+    if split == "train" and config.data.views != 1 and not isinstance(dataset, datasets.ArrayDataset):
+        raise ConfigError(f"data.views={config.data.views} needs a dataset held in memory (the strong view is "
+                          f"augmented in batches on the device), and {config.data.name} streams from disk here; for "
+                          "a folder set give data.in_memory=true, or set data.views=1")
     return dataset
 
 
@@ -164,7 +170,7 @@ def build_distiller(config: RunConfig, student, teacher, input_shape, train_targ
     # temperature) is one of its args.
     args = dict(config.distill.for_method().args)
     context = DistillContext(num_classes=int(train_targets.max()) + 1 if len(train_targets) else 0,
-                             train_targets=train_targets)
+                             train_targets=train_targets, views=config.data.views)
     try:
         return distillers.create(config.distill.method, student, teacher, input_shape, config.distill.spots,
                                  context, on_pairing=on_pairing, **args)
@@ -183,6 +189,13 @@ def check_names(config: RunConfig) -> None:
         distillers.get(config.distill.method)
     strategies.get(config.strategy.name)
     datasets.dataset_info(config.data.name)
+    try:  # names and options of the components, and whether the strategy takes them, before any data is read
+        refusals = [strategies.get(config.strategy.name).component_refusal(type(component))
+                    for component in build_components(config.components)]
+    except OptionsError as err:
+        raise ConfigError(str(err)) from None
+    if any(refusals):
+        raise ConfigError(f"components: {next(r for r in refusals if r)}")
 
 
 
@@ -240,6 +253,13 @@ def build_strategy(config: RunConfig, run: Run, student: nn.Module, dist: DistIn
         raise ConfigError(f"strategy.args.{err.key}: {err.problem}") from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"strategy.args: {err}") from None
+    try:
+        for component in build_components(config.components, facts):
+            strategy.add_component(component)
+    except OptionsError as err:
+        raise ConfigError(str(err)) from None
+    except (UnknownNameError, ValueError) as err:  # an unknown name; a combination a component does not define
+        raise ConfigError(f"components: {err}") from None
     if config.sync_bn and dist.distributed:
         for module in strategy.owned_modules():  # heads, adapters, policies: same batch statistics
             distributed.convert_sync_batchnorm(module)

@@ -66,6 +66,10 @@ class DataConfig:
     # checksum, as every peer does; false: never touch the network.
     download: bool = True
     mirror: str | None = None  # a base URL replacing the download sites (else $ADAKD_DATA_MIRROR)
+    # Views per training image: 2 yields each batch as [weak; strong] (2B images, targets repeated; MLKD's recipe),
+    # the strong view `strong_aug` (randaugment: RandAugment n=2 + Cutout, data/strong_aug.py); in-memory sets only.
+    views: int = 1
+    strong_aug: str = "randaugment"
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,9 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    # Adaptive components added to the strategy's step (adakd.strategies.components), by registered name: true or
+    # a mapping of options switches one on, e.g. {ctkd: {mode: global}, dot: true}.
+    components: dict[str, Any] = field(default_factory=dict)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -356,6 +363,8 @@ def validate(config: RunConfig) -> None:
         (config.data.train_size is None or config.data.train_size >= 1, "data.train_size",
          "must be >= 1 (or null for the whole training set)"),
         (config.data.tiny_aug in ("flip", "crop"), "data.tiny_aug", "must be 'flip' or 'crop'"),
+        (config.data.views in (1, 2), "data.views", "must be 1 or 2 (2: a weak and a strong view of each image)"),
+        (config.data.strong_aug == "randaugment", "data.strong_aug", "must be 'randaugment'"),
         (config.data.mirror is None or "://" in config.data.mirror, "data.mirror",
          "must be a base URL such as https://host/datasets/ (or null for the official sites)"),
         (all(m >= 1 for m in config.optim.milestones), "optim.milestones",
@@ -396,6 +405,7 @@ def validate(config: RunConfig) -> None:
             (f"strategy={config.strategy.name}", config.strategy.name != StrategyConfig.name),
             (f"distill.kl_weight={config.distill.kl_weight}", config.distill.kl_weight != DistillConfig.kl_weight),
             ("distill.kl_standardize=true", config.distill.kl_standardize),
+            (f"components={config.components}", bool(config.components)),
         ) if given]
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: `adakd train` trains model.name alone with cross-entropy and "

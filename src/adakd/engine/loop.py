@@ -17,6 +17,7 @@ from adakd.strategies.base import Precision, Strategy
 
 
 TOP5 = 5  # the k of top-k accuracy, reported only with more classes than k
+LABELLED = "_labelled"  # the epoch's count of images with a class (sorts before the terms; never reported)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,13 +53,16 @@ def train_one_epoch(
         for name, value in out.items():
             weighted = value if name == "correct" else value * batch
             sums[name] = sums[name] + weighted if name in sums else weighted.clone()
+        # Accuracy counts labelled images only: rotated copies (adakd.rotations) carry no class.
+        labelled = (targets >= 0).sum()
+        sums[LABELLED] = sums[LABELLED] + labelled if LABELLED in sums else labelled.clone()
         seen += batch
         if step % log_interval == 0:
             # The only host sync inside the epoch, at the log cadence.
             loss = sums["loss"].item() / seen
             if not math.isfinite(loss):
                 raise NonFiniteLossError(f"loss became {loss} in epoch {epoch} at step {step}")
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * sums['correct'].item() / seen:.1f}",
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * sums['correct'].item() / sums[LABELLED].item():.1f}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}")
     bar.close()
     elapsed = time.perf_counter() - start
@@ -67,8 +71,10 @@ def train_one_epoch(
     stacked = torch.stack([sums[n].double() for n in names] + [torch.tensor(float(seen), device=device).double()])
     totals = all_reduce_sum(stacked).tolist()
     count = totals[-1]
-    result = {("train/acc1" if n == "correct" else f"train/{n}"): (100 * v if n == "correct" else v) / count
-              for n, v in zip(names, totals)}
+    totals = dict(zip(names, totals))
+    labelled_count = totals.pop(LABELLED)
+    result = {("train/acc1" if n == "correct" else f"train/{n}"): (100 * v / labelled_count if n == "correct"
+                                                                  else v / count) for n, v in totals.items()}
     if not math.isfinite(result["train/loss"]):
         raise NonFiniteLossError(f"loss became {result['train/loss']} in epoch {epoch}")
     result["train/images_per_s"] = count / max(elapsed, 1e-9)

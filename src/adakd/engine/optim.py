@@ -50,7 +50,8 @@ def build_optimizers(
 
     A group is a list of parameters, or a dict {"params": [...], "lr_scale": s, "weight_decay": wd} for an
     optimiser with its own settings (a strategy's own part, e.g. a policy at half the lr with weight decay 1e-3).
-    `lr_scale` follows the schedule.
+    `lr_scale` follows the schedule. A dict's "optimizer", a callable taking SGD's arguments, replaces SGD (an
+    adaptive component's update rule, see Component.optimizer_group); its ValueError names the setting to change.
     """
     optimizers = {}
     for name, group in groups.items():
@@ -59,7 +60,8 @@ def build_optimizers(
         if not params:
             raise ValueError(f"parameter group {name!r} is empty: nothing would be trained")
         scale = float(spec.get("lr_scale", 1.0))
-        optimizer = torch.optim.SGD(
+        make = spec.get("optimizer", torch.optim.SGD)  # an adaptive component's own optimiser (Component hook)
+        optimizer = make(
             params, lr=lr * scale, momentum=config.momentum, nesterov=config.nesterov,
             weight_decay=float(spec.get("weight_decay", config.weight_decay)),
         )

@@ -24,6 +24,7 @@ from adakd.engine.checkpoint import FORMAT, load_run_checkpoint, rng_state, save
 from adakd.engine.config import ConfigError, RunConfig, to_dict
 from adakd.engine.loop import evaluate, top5_text, train_one_epoch
 from adakd.engine.pretrain import pretrain
+from adakd.rotations import RotatedCopies
 from adakd.engine.optim import MultiStepSchedule, base_lr, build_optimizers, lr_at
 from adakd.engine.resumable import clear_unfinished
 from adakd.engine.runs import DiskFullError, RunDir, RunDirError, disk_full
@@ -251,13 +252,18 @@ class Trainer:
             compile_networks(self.strategy, device, lambda text: self.say(text, warning=True))
         # The batch an optimiser step sees: accumulated micro-batches count (for scale_lr_with_batch).
         self.lr = base_lr(config.optim, config.data.batch_size * config.optim.accumulate)
-        self.optimizers = build_optimizers(self.strategy.param_groups(), config.optim, self.lr)
+        try:  # a component's optimiser refuses the optim settings it cannot run with before anything is written
+            self.optimizers = build_optimizers(self.strategy.optimizer_specs(), config.optim, self.lr)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.schedule = MultiStepSchedule(config.optim, self.optimizers, self.lr)
         self.precision = Precision(device, config.amp)
         loader_args = dict(device=device, seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
                            num_workers=config.data.num_workers)
-        self.train_loader = datasets.make_loader(self.train_set, self.batch, train=True,
-                                                 drop_last=self.single_sample_tail(self.train_set), **loader_args)
+        self.train_loader = self.with_copies(datasets.make_loader(self.train_set, self.batch, train=True,
+                                                 drop_last=self.single_sample_tail(self.train_set),
+                                                 views=config.data.views, strong_aug=config.data.strong_aug,
+                                                 **loader_args))
         self.test_loader = datasets.make_loader(
             self.test_set, max(1, config.data.test_batch_size // self.dist.world_size), train=False, **loader_args)
         # A strategy bounded in iterations (a search stage) runs as many epochs as they need.
@@ -285,11 +291,21 @@ class Trainer:
             raise self._disk_full() from None
         if self.split is not None:
             # The held-out stream continues where the checkpoint left it: its position is the batches consumed.
-            val_loader = datasets.make_loader(
+            val_loader = self.with_copies(datasets.make_loader(
                 self.val_set, self.batch, train=True, device=device, seed=(config.seed + 4099) % 65536,
                 rank=self.dist.rank, world_size=self.dist.world_size, num_workers=config.data.num_workers,
-                drop_last=self.single_sample_tail(self.val_set))
+                drop_last=self.single_sample_tail(self.val_set)))
             self.strategy.attach_validation(endless(val_loader, self.strategy.validation_batches_used))
+
+    def with_copies(self, loader):
+        """`loader` with the rotated copies of every batch when the distiller reads them (SSKD), else as it is."""
+        if self.distiller is None or not self.distiller.rotated_copies:
+            return loader
+        height, width = self.input_shape[1:]
+        if height != width:
+            raise ConfigError(f"{self.config.distill.method} rotates every training image by 90 degrees, so it needs "
+                              f"square images, not {height} x {width}: set data.image_size to one size")
+        return RotatedCopies(loader)
 
     def single_sample_tail(self, dataset) -> bool:
         """Whether an epoch would end on a batch of one sample, which is then dropped.
@@ -418,6 +434,7 @@ class Trainer:
                 epoch_start = time.perf_counter()
                 epoch = self.epoch + 1
                 lr = self.schedule.start_epoch(epoch)
+                self.strategy.begin_epoch(epoch)  # per-epoch schedules of the strategy's components
                 self.train_loader.set_epoch(epoch)
                 row: dict[str, Any] = {"epoch": epoch, "lr": lr}
                 for name, optimizer in self.optimizers.items():
@@ -504,10 +521,11 @@ class Trainer:
 
     def _pretrain(self, progress: bool) -> None:
         """The distiller's own pre-training stage, on a loader with its own seed stream."""
-        loader = datasets.make_loader(self.train_set, self.batch, train=True, device=self.dist.device,
-                                      seed=(self.config.seed + 32768) % 65536, rank=self.dist.rank,
-                                      world_size=self.dist.world_size, num_workers=self.config.data.num_workers)
-        history = pretrain(self.distiller, self.teacher, self.teacher_spots, loader, self.precision, progress)
+        loader = self.with_copies(datasets.make_loader(
+            self.train_set, self.batch, train=True, device=self.dist.device, seed=(self.config.seed + 32768) % 65536,
+            rank=self.dist.rank, world_size=self.dist.world_size, num_workers=self.config.data.num_workers))
+        history = pretrain(self.distiller, self.teacher, self.teacher_spots, loader, self.precision, progress,
+                           student=self.student, student_spots=self.built.student_spots, run_lr=self.lr)
         if self.dist.is_main:
             self.run.write_pretrain(history)
             if progress:

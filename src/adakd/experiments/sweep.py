@@ -27,8 +27,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from adakd.engine.config import (SHORTHANDS, ConfigError, DistillConfig, ModelConfig, StrategyConfig, from_dict,
-                                 read_yaml, resolve, to_dict)
+from adakd.engine.config import (SHORTHANDS, ConfigError, DistillConfig, ModelConfig, RunConfig, StrategyConfig,
+                                 from_dict, read_yaml, resolve, to_dict)
 from adakd.engine.runs import write_text_atomic
 from adakd.models.external import ModelSourceError
 from adakd.registry import UnknownNameError, suggestions
@@ -227,7 +227,7 @@ def _alone(values: dict[str, Any], spec: dict[str, Any], name: str, seed: int, o
                  # A pretrained network starts from its published weights here too: the baseline a distilled
                  # pretrained student is compared with must start where it starts.
                  model={**spec, "weights": None}, teacher=to_dict(ModelConfig()),
-                 distill=to_dict(DistillConfig()), strategy=to_dict(StrategyConfig()))
+                 distill=to_dict(DistillConfig()), strategy=to_dict(StrategyConfig()), components={})
     return alone
 
 
@@ -434,8 +434,13 @@ def _placement(key: str) -> bool:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """'key: old -> new' for every dotted key that differs, except threads and log.* (they change no result)."""
-    a, b = _flatten(old), _flatten(new)
+    """'key: old -> new' for every dotted key that differs, except threads and log.* (they change no result).
+
+    A key the old config lacks counts as its default: a plan written before a setting existed (e.g. `components`)
+    continues when the new config leaves that setting at its default.
+    """
+    defaults = _flatten(to_dict(RunConfig()))
+    a, b = {**defaults, **_flatten(old)}, {**defaults, **_flatten(new)}
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and not _placement(k)]
 

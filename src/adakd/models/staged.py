@@ -73,6 +73,8 @@ class StagedModel(nn.Module):
         else:
             stages = layout(model)
         self.model = model
+        # A cut traced forward has no pre-activation outputs: its `preacts` repeat the features.
+        self.auto_cut = layout is None
         self.stages: list[Stage] = stages
         names = [s.name for s in self.stages]
         if names[0] != "stem" or names[-2:] != ["pool", "head"]:
@@ -87,6 +89,23 @@ class StagedModel(nn.Module):
     def num_stages(self) -> int:
         """Number of stages including stem, pool and head."""
         return len(self.stages)
+
+    @property
+    def has_layout(self) -> bool:
+        """True for a model whose family file registers its layout (the zoo); False for one cut automatically."""
+        return type(self.model) in _LAYOUTS
+
+    def preact_batchnorms(self, indices: list[int], method: str) -> list[nn.Module]:
+        """The BatchNorm before the last ReLU of each stage in `indices`; ValueError naming `method` where none is
+        declared (automatically staged timm/torchvision models, ShuffleNets, pool and head)."""
+        found = [self.stages[self._index(i)].preact_bn for i in indices]
+        missing = [self.stages[self._index(i)].name for i, bn in zip(indices, found) if bn is None]
+        if missing:
+            raise ValueError(f"{method} reads the BatchNorm before the ReLU of each teacher spot, but "
+                             f"{type(self.model).__name__} declares none at {', '.join(missing)} (only zoo ResNets, "
+                             "WRNs, VGGs and MobileNetV2 and torchvision ResNets do); choose such a teacher or body-stage "
+                             "spots (distill.spots)")
+        return found
 
     def _index(self, i: int) -> int:
         return i % len(self.stages)

@@ -44,10 +44,20 @@ class ABLBase(Strategy):
 
     option_class: ClassVar[type] = ABLOptions
     uses_heads: ClassVar[bool] = True
+    temperature_refusal: ClassVar[str] = (
+        "ABL forms each block's KD gradient explicitly (autograd.grad on detached spot leaves, then weighted per "
+        "block and assigned to the parameters), so a temperature learned by gradient reversal would need its own "
+        "weighting rule across blocks, which neither paper defines")
     figures: ClassVar[tuple[Figure, ...]] = (STUDENT_WEIGHTS, BLOCK_ACCURACY)
     # Student weights and search diagnostics: their own figures (or none), not terms of the loss.
     not_loss_columns: ClassVar[tuple[str, ...]] = ("train/abl/p1/", "train/abl/p2/", "train/abl/hypergrad/",
                                                    "train/abl/grad_norm/")
+    # The split would be task = p1 a_l (+ the heads' c), distillation = p2 b_l (+ the distiller's e), but the fused
+    # step never forms a_l and b_l apart, and the split is not written for the search's virtual step.
+    splits_refusal: ClassVar[str] = (
+        "ABL's step forms each block's gradient p1*(local error) + p2*(teacher error) in one fused backward and "
+        "passes the teacher error itself down to the lower blocks, so it has no task and distillation gradients "
+        "apart to give a second momentum")
 
     @classmethod
     def options_from_facts(cls, facts: RunFacts) -> dict[str, Any]:

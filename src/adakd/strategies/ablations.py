@@ -7,7 +7,7 @@ the trainable-teacher ablation (`sakd-trainable-teacher`, `sakd-faithful-trainab
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ class _FixedMasks(SpotMasked):
         loss = self.student_update(terms)
         out = {name: value.detach() for name, value in terms.items()}
         out.update(self.share_terms(masks))
+        out.update(self.component_metrics())
         out["loss"] = loss.detach()
         out["correct"] = (student_out.features[-1].detach().argmax(dim=1) == targets).sum()
         return out
@@ -90,6 +91,8 @@ class Random(_FixedMasks):
 @register_strategy("none")
 class NoDistill(Strategy):
     """No ("S" row of [P]): the student on CE alone; no teacher forward, no distiller term ([C] train_single.py)."""
+
+    temperature_refusal: ClassVar[str] = "it trains the student on CE alone, with no distillation term"
 
     def param_groups(self) -> dict[str, Any]:
         """The student only: the distiller's heads would never receive a gradient."""

@@ -14,7 +14,8 @@ from adakd.distillers.base import Distiller
 from adakd.models.stage_types import StagedOutput
 from adakd.models.staged import StagedModel
 from adakd.options import OptionsError, build_options, settable_fields
-from adakd.ranks import average_gradients
+from adakd.ranks import average_across_ranks, average_gradients
+from adakd.strategies.components import Component
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,9 @@ class Strategy:
     """The run's length in iterations when the strategy bounds it (the engine runs enough epochs); None: optim.epochs."""
     accumulates: ClassVar[bool] = True
     """Whether `optim.accumulate` > 1 may run it; False for a step that must update the weights every micro-batch."""
+    splits_refusal: ClassVar[str] = ""
+    """Why its step cannot hand `optimizer_step` the task and distillation losses apart ("": it can), so a component
+    that splits gradients (Component.splits_gradients) is refused with this reason."""
 
     def __init__(
         self,
@@ -267,6 +271,65 @@ class Strategy:
         self.micro_batch = MicroBatch()
         # Modules the strategy builds itself (policy, adapters, heads), by checkpoint entry: see `own`.
         self.owned: dict[str, tuple[nn.Module, str]] = {}
+        # Adaptive components the run adds (a learned temperature, an optimiser rule): see `add_component`.
+        self.adaptive_components: list[Component] = []
+
+    def add_component(self, component: Component) -> None:
+        """Add an adaptive component (adakd.strategies.components) before the optimisers are built; it joins with
+        `component.attach(self)`, which may own modules or refuse the combination (ValueError)."""
+        if any(type(c) is type(component) for c in self.adaptive_components):
+            raise ValueError(f"component {component.name!r} is added twice")
+        refusal = self.component_refusal(type(component))
+        if refusal:
+            raise ValueError(refusal)
+        component.attach(self)
+        self.adaptive_components.append(component)
+
+    @classmethod
+    def component_refusal(cls, component: type[Component]) -> str:
+        """Why this strategy cannot take the component class ("" when it can), from what the component needs (the
+        gradients apart, a learned temperature) and the strategy's declared refusals; also checked when a sweep is
+        planned."""
+        for needed, refusal in ((component.splits_gradients, cls.splits_refusal),
+                                (component.changes_temperature, cls.temperature_refusal)):
+            if needed and refusal:
+                return (f"{component.name} is not defined with {cls.__name__}: {refusal}; run it with "
+                        f"strategy.name=standard or sakd, or drop components.{component.name}")
+        return ""
+
+    temperature_refusal: ClassVar[str] = ""
+    """Why its step cannot use a learned temperature (a component's `temperature`; "": it can), so a component that
+    learns one (Component.changes_temperature) refuses to join it with this reason."""
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called by the engine with the 1-based epoch before its first step (also the first epoch after a resume);
+        forwards it to every component (schedules that move per epoch)."""
+        for component in self.adaptive_components:
+            component.begin_epoch(epoch)
+
+    def step_temperature(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor | float:
+        """The distillation temperature of this step: `weights.temperature`, unless a component changes it (asked
+        once per step; a tensor may carry gradients to the component's parameters)."""
+        temperature: Tensor | float = self.weights.temperature
+        for component in self.adaptive_components:
+            if component.changes_temperature:
+                temperature = component.temperature(temperature, student_logits, teacher_logits)
+        return temperature
+
+    def distilling_at(self, temperature: Tensor | float) -> contextlib.AbstractContextManager:
+        """The context the distiller's forward runs in: it uses the step's temperature for its own when a component
+        changes it (and the distiller has one); otherwise nothing changes."""
+        learned = any(component.changes_temperature for component in self.adaptive_components)
+        if learned and self.distiller is not None and self.distiller.learned_temperature:
+            return self.distiller.using_temperature(temperature)
+        return contextlib.nullcontext()
+
+    def component_metrics(self) -> dict[str, Tensor]:
+        """The components' detached on-device scalars of the last step, merged into the step's output."""
+        out: dict[str, Tensor] = {}
+        for component in self.adaptive_components:
+            out.update(component.metrics())
+        return out
 
     def own(self, name: str, module: nn.Module, group: str = "main") -> nn.Module:
         """Register a module the strategy builds (a policy, adapters, heads) and return it.
@@ -360,6 +423,25 @@ class Strategy:
             groups.setdefault(group, []).extend(p for p in module.parameters() if p.requires_grad)
         return groups
 
+    def optimizer_specs(self) -> dict[str, Any]:
+        """`param_groups()` as the engine builds its optimisers from them: each group's spec passed through every
+        component's `optimizer_group` (which may give it its own optimiser); without components, unchanged."""
+        groups = self.param_groups()
+        if not self.adaptive_components:
+            return groups
+        specs = {}
+        for name, group in groups.items():
+            spec = dict(group) if isinstance(group, dict) else {"params": list(group)}
+            for component in self.adaptive_components:
+                spec = component.optimizer_group(name, spec)
+            specs[name] = spec
+        return specs
+
+    @property
+    def splits_gradients(self) -> bool:
+        """Whether a component needs the task and distillation gradients apart (`optimizer_step`'s `distill_loss`)."""
+        return any(component.splits_gradients for component in self.adaptive_components)
+
     def attach(self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision,
                total_steps: int = 1, clip_grad_norm: float | None = None, accumulate: int = 1) -> None:
         """Receive the optimisers built from `param_groups()`, the precision policy, the run's length in steps (micro-
@@ -411,6 +493,7 @@ class Strategy:
         optimizer: torch.optim.Optimizer,
         loss: Tensor | None = None,
         *,
+        distill_loss: Tensor | None = None,
         grads: Iterable[tuple[Tensor, Tensor | None]] | None = None,
         inputs: list[Tensor] | None = None,
         unsynced: list[Tensor] | None = None,
@@ -432,10 +515,22 @@ class Strategy:
         BatchNorm still normalises and updates its running statistics per micro-batch, as in any accumulation.
         Under DDP the loop runs the micro-batches before the last inside `gradient_sync`, so their backwards skip
         DDP's all-reduce and the last one's all-reduces the accumulated sums.
+
+        `distill_loss` is the step's distillation part, `loss` (or `grads`) then its task part. Without a component
+        that splits gradients they are summed: one backward of loss + distill_loss. With one (`splits_gradients`,
+        DOT), the distillation gradients come first from their own backward (torch.autograd.grad, keeping the graph,
+        as DOT's reference backwards the KD loss first with retain_graph), into `optimizer.distill_grads`, and the task
+        loss's backward fills `.grad`: two backward passes. See `_step_apart` for averaging, float16 and clipping.
         """
         micro = self.micro_batch
+        apart = distill_loss is not None and self.splits_gradients
+        if apart and adjust is not None:
+            raise ValueError(f"{type(self).__name__}: `adjust` edits only .grad, so it cannot run with a component "
+                             "that keeps the distillation gradients apart")
         if micro.first:
             optimizer.zero_grad(set_to_none=True)
+            if apart:
+                optimizer.distill_grads = None
         if grads is not None:
             grads = [(param, grad) for param, grad in grads if grad is not None]
             if grads and self.precision.scaler.is_enabled():
@@ -447,6 +542,10 @@ class Strategy:
                 grad = (grad * factor if factor != 1.0 else grad).to(param.dtype)
                 # Out of place: an assigned gradient may be a tensor the strategy still holds.
                 param.grad = grad if param.grad is None else param.grad + grad
+        if apart:
+            self._distill_backward(optimizer, distill_loss, inputs)
+        elif distill_loss is not None:
+            loss = distill_loss if loss is None else loss + distill_loss
         if loss is not None:
             self.precision.backward(loss / micro.of if micro.of != 1 else loss, inputs=inputs)
         if not micro.last:
@@ -455,7 +554,62 @@ class Strategy:
             average_gradients(unsynced)
         if adjust is not None:
             adjust()
+        if apart:
+            self._step_apart(optimizer, update)
+            return
         self.precision.step(optimizer, update=update, clip_grad_norm=self.clip_grad_norm)
+
+    def _distill_backward(self, optimizer: torch.optim.Optimizer, distill_loss: Tensor,
+                          inputs: list[Tensor] | None) -> None:
+        """Add this micro-batch's (loss-scaled, 1/of) distillation gradients to `optimizer.distill_grads`."""
+        if not hasattr(optimizer, "distill_grads"):
+            raise ValueError(f"a component splits the gradients but the optimiser {type(optimizer).__name__} takes no "
+                             "distillation gradients: its optimizer_group must give this group one that does")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        wanted = set(map(id, inputs)) if inputs is not None else None
+        targets = [i for i, p in enumerate(params) if p.requires_grad and (wanted is None or id(p) in wanted)]
+        of = self.micro_batch.of
+        scaled = self.precision.scaler.scale(distill_loss / of if of != 1 else distill_loss)
+        found = torch.autograd.grad(scaled, [params[i] for i in targets], retain_graph=True, allow_unused=True)
+        stash = optimizer.distill_grads or [None] * len(params)
+        for i, grad in zip(targets, found):
+            if grad is not None:
+                stash[i] = grad if stash[i] is None else stash[i] + grad
+        optimizer.distill_grads = stash
+
+    def _step_apart(self, optimizer: torch.optim.Optimizer, update: bool) -> None:
+        """The step of an optimiser holding the task gradients in .grad and the distillation ones in `distill_grads`.
+
+        Ranks: the distillation gradients are averaged here (DDP averages only what its backward fills). float16:
+        a non-finite distillation gradient is added to a task gradient before the scaler unscales them, so the
+        scaler's own check skips the step and lowers the scale as it would for the summed gradient; the distillation
+        gradients are then unscaled too. Clipping bounds the 2-norm of the summed gradient (task + distillation),
+        scaling both parts by the same factor, so `optim.clip_grad_norm` means what it means without a split.
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        stash = optimizer.distill_grads or [None] * len(params)
+        average_across_ranks([g for g in stash if g is not None])
+        scaler = self.precision.scaler
+        if scaler.is_enabled():
+            present = [g for g in stash if g is not None]
+            task = [p.grad for p in params if p.grad is not None]
+            if present and task:
+                bad = torch.stack([g.isfinite().all() for g in present]).all().logical_not()
+                task[0].view(-1)[:1].add_(torch.where(bad, float("inf"), 0.0).to(task[0].dtype))
+            scaler.unscale_(optimizer)
+            inverse = 1.0 / self.precision.gradient_scale()
+            stash = [None if g is None else g * inverse for g in stash]
+        if self.clip_grad_norm is not None:
+            summed = [(p.grad if p.grad is not None else 0) + (g if g is not None else 0)
+                      for p, g in zip(params, stash) if p.grad is not None or g is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in summed]))
+            factor = (self.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(factor.to(p.grad.dtype))
+            stash = [None if g is None else g * factor.to(g.dtype) for g in stash]
+        optimizer.distill_grads = stash
+        self.precision.step(optimizer, update=update)
 
     def train(self, mode: bool = True) -> None:
         """Set train/eval mode of the trainable parts; the teacher stays in eval."""

@@ -174,6 +174,10 @@ def spot_layout(student: StagedModel, teacher: StagedModel, student_spots: list[
                       _segments(student_branches, student.num_stages), _segments(teacher_branches, teacher.num_stages))
 
 
+# The student's own CE terms (the trainable-teacher ablation adds the teacher's): the task part of its loss.
+TASK_TERMS = ("ce", "teacher_ce")
+
+
 # Shares are fractions; autoscaling would stretch e.g. 0.985-1.0 over the whole axis and exaggerate small changes.
 SHARE_YLIM = (0.0, 1.02)
 
@@ -219,17 +223,19 @@ class SpotMasked(Strategy):
         """Weighted CE, masked KL (last decision) and masked distiller terms; `masks` is float 0/1 [B, K]."""
         logits = student_out.features[-1]
         terms = {"ce": self.ce_weight * cross_entropy_upcast(logits, targets)}
-        named = self.distiller_forward(
-            self.select(student_out, self.student_spots, self.student_preact),
-            self.select(teacher_out, self.teacher_spots, self.teacher_preact),
-            targets,
-            masks=[masks[:, k] for k in self.layout.spot_decision],
-            indices=indices,
-            epoch=epoch,
-        )
+        temperature = self.step_temperature(logits, teacher_out.features[-1])
+        with self.distilling_at(temperature):
+            named = self.distiller_forward(
+                self.select(student_out, self.student_spots, self.student_preact),
+                self.select(teacher_out, self.teacher_spots, self.teacher_preact),
+                targets,
+                masks=[masks[:, k] for k in self.layout.spot_decision],
+                indices=indices,
+                epoch=epoch,
+            )
         terms.update({name: self.weights.method * value for name, value in named.items()})
         if self.weights.kl > 0:
-            kl = kd_loss(logits, teacher_out.features[-1], self.weights.temperature,
+            kl = kd_loss(logits, teacher_out.features[-1], temperature,
                          detach_teacher=not self.teacher_learns, standardize=self.weights.kl_standardize)
             terms["kl"] = self.weights.kl * masked_mean(kl, masks[:, -1])
         return terms
@@ -253,9 +259,17 @@ class SpotMasked(Strategy):
         return {f"sakd/share/{name}": shares[k] for k, name in enumerate(self.layout.names)}
 
     def student_update(self, terms: dict[str, Tensor]) -> Tensor:
-        """L_S = sum of terms; zero_grad, backward, step of the student optimiser; returns L_S."""
+        """L_S = sum of terms; zero_grad, backward, step of the student optimiser; returns L_S.
+
+        The CE terms are the task part, the masked distillation terms, the extra KL and the heads' zero anchor the
+        distillation part (handed over apart when a component splits the gradients, DOT)."""
         loss = torch.stack(list(terms.values())).sum()
-        self.optimizer_step(self.optimizers["main"], loss + self.head_anchor(), unsynced=self.unsynced_params)
+        task = [value for name, value in terms.items() if name in TASK_TERMS]
+        distill = [value for name, value in terms.items() if name not in TASK_TERMS]
+        distill_loss = (torch.stack(distill).sum() if distill else 0.0) + self.head_anchor()
+        self.optimizer_step(self.optimizers["main"], torch.stack(task).sum(),
+                            distill_loss=distill_loss if torch.is_tensor(distill_loss) else None,
+                            unsynced=self.unsynced_params)
         return loss
 
 
@@ -540,6 +554,7 @@ class SAKD(SpotMasked):
         loss = self.student_update(terms)
         out = {name: value.detach() for name, value in terms.items()}
         out.update(self.share_terms(masks))
+        out.update(self.component_metrics())
         probs = policy_logits.detach().softmax(dim=-1)[..., 0].mean(dim=0)
         out.update({f"sakd/policy_p/{name}": probs[k] for k, name in enumerate(self.layout.names)})
         out["sakd/route_ce"] = route_ce.detach()

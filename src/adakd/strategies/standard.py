@@ -28,22 +28,28 @@ class Standard(Strategy):
             terms = {"ce": self.weights.ce * cross_entropy_upcast(logits, targets)}
             if self.teacher is not None:
                 teacher_out = self.teacher(images, preact=teacher_preact)
+                temperature = self.step_temperature(logits, teacher_out.features[-1])
                 if self.distiller is not None:
-                    named = self.distiller_forward(
-                        self.select(student_out, self.student_spots, student_preact),
-                        self.select(teacher_out, self.teacher_spots, teacher_preact),
-                        targets,
-                        indices=indices,
-                        epoch=epoch,
-                    )
+                    with self.distilling_at(temperature):
+                        named = self.distiller_forward(
+                            self.select(student_out, self.student_spots, student_preact),
+                            self.select(teacher_out, self.teacher_spots, teacher_preact),
+                            targets,
+                            indices=indices,
+                            epoch=epoch,
+                        )
                     terms.update({name: self.weights.method * value for name, value in named.items()})
                 if self.weights.kl > 0:
-                    kl = kd_loss(logits, teacher_out.features[-1], self.weights.temperature,
+                    kl = kd_loss(logits, teacher_out.features[-1], temperature,
                                  standardize=self.weights.kl_standardize).mean()
                     terms["kl"] = self.weights.kl * kl
             loss = torch.stack(list(terms.values())).sum()
-        self.optimizer_step(self.optimizers["main"], loss)
+            # CE is the task part, every teacher term the distillation part (apart only for a splitting component).
+            distill = [value for name, value in terms.items() if name != "ce"]
+            distill_loss = torch.stack(distill).sum() if distill else None
+        self.optimizer_step(self.optimizers["main"], terms["ce"], distill_loss=distill_loss)
         out = {name: value.detach() for name, value in terms.items()}
+        out.update(self.component_metrics())
         out["loss"] = loss.detach()
         out["correct"] = (logits.detach().argmax(dim=1) == targets).sum()
         return out

@@ -99,7 +99,8 @@ def _stages(model: CifarMobileNetV2) -> list[Stage]:
     return [
         Stage("stem", [model.conv1], merge_into_next_block=True),
         *(
-            Stage(f"stage{i}", [unit for g in indices for unit in model.blocks[g]])
+            Stage(f"stage{i}", [unit for g in indices for unit in model.blocks[g]],
+                  preact_bn=model.blocks[indices[-1]][-1].conv[-1])
             for i, indices in enumerate(groups, 1)
         ),
         Stage("pool", [nn.Sequential(model.conv2, model.avgpool, Flatten())]),

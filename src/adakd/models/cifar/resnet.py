@@ -79,7 +79,7 @@ def _stages(model: CifarResNet) -> list[Stage]:
     return [
         Stage("stem", [nn.Sequential(model.conv1, model.bn1, model.relu)], merge_into_next_block=True),
         *(
-            Stage(f"stage{i}", list(layer), has_preact=True)
+            Stage(f"stage{i}", list(layer), has_preact=True, preact_bn=layer[-1].bn2)
             for i, layer in enumerate([model.layer1, model.layer2, model.layer3], 1)
         ),
         Stage("pool", [nn.Sequential(model.avgpool, Flatten())]),

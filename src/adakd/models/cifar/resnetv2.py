@@ -83,7 +83,8 @@ def _stages(model: CifarBottleneckResNet) -> list[Stage]:
     layers = [model.layer1, model.layer2, model.layer3, model.layer4]
     return [
         Stage("stem", [nn.Sequential(model.conv1, model.bn1, model.relu)], merge_into_next_block=True),
-        *(Stage(f"stage{i}", list(layer), has_preact=True) for i, layer in enumerate(layers, 1)),
+        *(Stage(f"stage{i}", list(layer), has_preact=True, preact_bn=layer[-1].bn3)
+          for i, layer in enumerate(layers, 1)),
         Stage("pool", [nn.Sequential(model.avgpool, Flatten())]),
         Stage("head", [model.linear]),
     ]

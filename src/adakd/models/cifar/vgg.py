@@ -99,7 +99,7 @@ def _stages(model: VGG) -> list[Stage]:
     return [
         Stage("stem", _conv_units(model.block0, None)),
         *(
-            Stage(f"stage{i}", _conv_units(block, pool), has_preact=True)
+            Stage(f"stage{i}", _conv_units(block, pool), has_preact=True, preact_bn=block[-1])
             for i, (pool, block) in enumerate(zip(pools, blocks), 1)
         ),
         Stage("pool", [nn.Sequential(model.pool4, Flatten())]),

@@ -82,9 +82,12 @@ class WideResNet(nn.Module):
 def _stages(model: WideResNet) -> list[Stage]:
     return [
         Stage("stem", [model.conv1], merge_into_next_block=True),
+        # Pre-activation blocks: a stage's output is the raw residual sum; the BN before its ReLU is the next
+        # block's bn1, the model's bn1 after the last stage (mdistiller's wrn `get_bn_before_relu`).
         *(
-            Stage(f"stage{i}", list(block.layer))
-            for i, block in enumerate([model.block1, model.block2, model.block3], 1)
+            Stage(f"stage{i}", list(block.layer), preact_bn=bn)
+            for i, (block, bn) in enumerate(zip([model.block1, model.block2, model.block3],
+                                                [model.block2.layer[0].bn1, model.block3.layer[0].bn1, model.bn1]), 1)
         ),
         Stage("pool", [nn.Sequential(model.bn1, model.relu, model.avgpool, Flatten())]),
         Stage("head", [model.fc]),

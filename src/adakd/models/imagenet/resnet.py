@@ -50,7 +50,8 @@ def _stages(model: ResNet) -> list[Stage]:
             "stem", [nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)], merge_into_next_block=True
         ),
         *(
-            Stage(f"stage{i}", [*layer[:-1], PreactBlock(layer[-1])], has_preact=True)
+            Stage(f"stage{i}", [*layer[:-1], PreactBlock(layer[-1])], has_preact=True,
+                  preact_bn=getattr(layer[-1], "bn3", layer[-1].bn2))
             for i, layer in enumerate(layers, 1)
         ),
         Stage("pool", [nn.Sequential(model.avgpool, Flatten())]),
