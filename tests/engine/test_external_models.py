@@ -152,3 +152,15 @@ def test_every_distiller_runs_on_a_vit_or_refuses_token_maps_in_one_line(tmp_pat
         assert code == 2 and len(errors) == 1 and "pre-activation" in errors[0], errors
     else:
         assert code == 0 and not errors
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "timm:resnet10t", FAMILIES["vit"]])
+def test_eval_scores_a_timm_or_torchvision_run_as_it_trained(teachers, capsys, name):
+    """`adakd eval RUN` rebuilds the run's model from its own config (source library, `model.args` of the ViT) and
+    prints the run's own last-epoch top-1: the model it rebuilt is the one training built."""
+    run = teachers(name).parent
+    capsys.readouterr()
+    assert main(["eval", str(run), "log.progress=false"]) == 0
+    printed = capsys.readouterr().out
+    last = float(list(csv.DictReader(open(run / "metrics.csv")))[-1]["test/acc1"])
+    assert f"top-1 {last:.2f}%" in printed, printed
