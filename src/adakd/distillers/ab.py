@@ -97,12 +97,6 @@ class AB(Distiller):
         """The connectors, trained with the student's body in the initialisation stage, then frozen."""
         return list(self.connectors.parameters())
 
-    def pretrain_loss(self, teacher_feats: list[Tensor], student_feats: list[Tensor] | None = None) -> Tensor:
-        """RepDistiller's `sum(ABLoss(connector(g_s), g_t))` on the pre-activations at the spots."""
-        if student_feats is None:
-            raise ValueError("ab's pre-training needs the student's features")
-        return torch.stack(list(self.forward(student_feats, teacher_feats, None).values())).sum()
-
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
         return {

@@ -146,8 +146,13 @@ class Distiller(nn.Module):
 
     def pretrain_loss(self, teacher_feats: list[Tensor], student_feats: list[Tensor] | None = None) -> Tensor:
         """The pre-training objective on teacher features at this distiller's spots (and the student's, for a
-        distiller with `pretrain_trains_student`)."""
-        raise NotImplementedError(f"{self.name} has no pre-training stage")
+        distiller with `pretrain_trains_student`: by default the sum of its own unmasked terms, as the CRD
+        benchmark's AB and FSP initialisation stages train)."""
+        if not self.pretrain_trains_student:
+            raise NotImplementedError(f"{self.name} has no pre-training stage")
+        if student_feats is None:
+            raise ValueError(f"{self.name}'s pre-training needs the student's features")
+        return torch.stack(list(self.forward(student_feats, teacher_feats, None).values())).sum()
 
     def read_networks(self, student: nn.Module, teacher: nn.Module, student_spots: list[int],
                       teacher_spots: list[int]) -> None:

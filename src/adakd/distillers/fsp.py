@@ -98,12 +98,6 @@ class FSP(Distiller):
         """One term per pair of consecutive spots."""
         return [f"fsp/{a}-{b}" for a, b in zip(self.spot_names, self.spot_names[1:])]
 
-    def pretrain_loss(self, teacher_feats: list[Tensor], student_feats: list[Tensor] | None = None) -> Tensor:
-        """RepDistiller's `sum(FSP(feat_s[:-1], feat_t[:-1]))`."""
-        if student_feats is None:
-            raise ValueError("fsp's pre-training needs the student's features")
-        return torch.stack(list(self.forward(student_feats, teacher_feats, None).values())).sum()
-
     def forward(self, student_feats, teacher_feats, targets, masks=None, indices=None, epoch=1):
         masks = masks or [None] * len(student_feats)
         teacher_feats = [self.teacher_input(t) for t in teacher_feats]
