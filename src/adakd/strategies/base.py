@@ -73,6 +73,18 @@ OptionError = OptionsError
 
 FIGURE_KINDS = ("epochs", "steps", "blocks")
 
+# A step's task part: the student's CE (and the teacher's, where the trainable-teacher ablation adds it); every other
+# term (the distiller's, the extra KL) is its distillation part. `Strategy.optimizer_step` keeps the two apart only
+# for a component that splits gradients (DOT).
+TASK_TERMS = ("ce", "teacher_ce")
+
+
+def split_task_and_distillation(terms: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """The sums of a step's task terms (`TASK_TERMS`) and of its distillation terms (None when it has none)."""
+    task = [value for name, value in terms.items() if name in TASK_TERMS]
+    distill = [value for name, value in terms.items() if name not in TASK_TERMS]
+    return torch.stack(task).sum(), (torch.stack(distill).sum() if distill else None)
+
 
 def block_number(column: str) -> int | None:
     """The n of a column ending in `block<n>` (None for any other column)."""

@@ -29,7 +29,7 @@ from adakd.modes import eval_mode
 from adakd.numerics import at_least_float32, cross_entropy_upcast
 from adakd.ranks import is_distributed, rank, world_size
 from adakd.strategies.adapters import build_adapter
-from adakd.strategies.base import Figure, LossWeights, RunFacts, Strategy
+from adakd.strategies.base import Figure, LossWeights, RunFacts, Strategy, split_task_and_distillation
 from adakd.strategies.registry import register_strategy
 
 GUMBEL_EPS = 1e-20  # [C] models/gs.py
@@ -174,10 +174,6 @@ def spot_layout(student: StagedModel, teacher: StagedModel, student_spots: list[
                       _segments(student_branches, student.num_stages), _segments(teacher_branches, teacher.num_stages))
 
 
-# The student's own CE terms (the trainable-teacher ablation adds the teacher's): the task part of its loss.
-TASK_TERMS = ("ce", "teacher_ce")
-
-
 # Shares are fractions; autoscaling would stretch e.g. 0.985-1.0 over the whole axis and exaggerate small changes.
 SHARE_YLIM = (0.0, 1.02)
 
@@ -264,10 +260,9 @@ class SpotMasked(Strategy):
         The CE terms are the task part, the masked distillation terms, the extra KL and the heads' zero anchor the
         distillation part (handed over apart when a component splits the gradients, DOT)."""
         loss = torch.stack(list(terms.values())).sum()
-        task = [value for name, value in terms.items() if name in TASK_TERMS]
-        distill = [value for name, value in terms.items() if name not in TASK_TERMS]
-        distill_loss = (torch.stack(distill).sum() if distill else 0.0) + self.head_anchor()
-        self.optimizer_step(self.optimizers["main"], torch.stack(task).sum(),
+        task_loss, distill = split_task_and_distillation(terms)
+        distill_loss = (distill if distill is not None else 0.0) + self.head_anchor()
+        self.optimizer_step(self.optimizers["main"], task_loss,
                             distill_loss=distill_loss if torch.is_tensor(distill_loss) else None,
                             unsynced=self.unsynced_params)
         return loss

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from adakd.distillers.kd import kd_loss
 from adakd.numerics import cross_entropy_upcast
-from adakd.strategies.base import Strategy
+from adakd.strategies.base import Strategy, split_task_and_distillation
 from adakd.strategies.registry import register_strategy
 
 
@@ -44,10 +44,8 @@ class Standard(Strategy):
                                  standardize=self.weights.kl_standardize).mean()
                     terms["kl"] = self.weights.kl * kl
             loss = torch.stack(list(terms.values())).sum()
-            # CE is the task part, every teacher term the distillation part (apart only for a splitting component).
-            distill = [value for name, value in terms.items() if name != "ce"]
-            distill_loss = torch.stack(distill).sum() if distill else None
-        self.optimizer_step(self.optimizers["main"], terms["ce"], distill_loss=distill_loss)
+            task_loss, distill_loss = split_task_and_distillation(terms)
+        self.optimizer_step(self.optimizers["main"], task_loss, distill_loss=distill_loss)
         out = {name: value.detach() for name, value in terms.items()}
         out.update(self.component_metrics())
         out["loss"] = loss.detach()
